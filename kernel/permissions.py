@@ -1,0 +1,301 @@
+"""Permission strings and capability sets.
+
+A permission is a string such as `filesystem:read:/srv/notes/**`, `net:*.example.com`,
+`shell:ls,cat`, `schedule:create` or `notify:whatsapp`. `parse_permission` turns one into a
+typed value or raises `InvalidPermission` with a message; nothing malformed is ever dropped or
+widened. Containment is conservative: what the rules cannot prove is "not contained".
+
+This module is pure Python (no Django) so the config loader can use it before settings exist.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+SCHEDULE_ACTIONS = frozenset({"create", "list", "update", "delete", "cancel"})
+NOTIFY_CHANNELS = frozenset({"whatsapp", "webhook", "console"})
+MAX_PERMISSION_LENGTH = 1024
+
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_SHELL_COMMAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class InvalidPermission(ValueError):
+    """A permission string that cannot be parsed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Permission:
+    """One parsed permission. `kind` is filesystem, net, shell, schedule or notify."""
+
+    kind: str
+    action: str  # read/write for filesystem; action or channel; "" for net and shell
+    value: str  # path glob (home expanded), host glob, or comma-joined sorted commands
+    text: str  # canonical string form
+
+    def __str__(self) -> str:
+        return self.text
+
+    def contains(self, other: Permission) -> bool:
+        """True when everything `other` permits is provably permitted by this permission."""
+        if self.kind != other.kind:
+            return False
+        if self.kind == "filesystem":
+            return self.action == other.action and _path_contains(self.value, other.value)
+        if self.kind == "net":
+            return _host_contains(self.value, other.value)
+        if self.kind == "shell":
+            if self.value == "*":
+                return True
+            if other.value == "*":
+                return False
+            return set(other.value.split(",")) <= set(self.value.split(","))
+        # schedule and notify: "*" covers every action/channel.
+        return self.action == "*" or self.action == other.action
+
+
+def parse_permission(text: object) -> Permission:
+    """Parse and validate one permission string."""
+    if not isinstance(text, str):
+        raise InvalidPermission(f"a permission must be a string, not {type(text).__name__}")
+    if not text:
+        raise InvalidPermission("a permission must not be empty")
+    if len(text) > MAX_PERMISSION_LENGTH:
+        raise InvalidPermission(f"a permission must be at most {MAX_PERMISSION_LENGTH} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise InvalidPermission(f"{text!r}: control characters are not allowed")
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
+        raise InvalidPermission(f"{text!r}: lone surrogate characters are not allowed")
+    kind, sep, rest = text.partition(":")
+    if not sep:
+        raise InvalidPermission(
+            f"{text!r}: expected <kind>:<value>, where kind is one of "
+            "filesystem, net, shell, schedule, notify"
+        )
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise InvalidPermission(
+            f"{text!r}: unknown permission kind {kind!r} "
+            "(expected filesystem, net, shell, schedule or notify)"
+        )
+    return parser(text, rest)
+
+
+def _parse_filesystem(text: str, rest: str) -> Permission:
+    action, sep, glob = rest.partition(":")
+    if action not in ("read", "write") or not sep:
+        raise InvalidPermission(
+            f"{text!r}: expected filesystem:read:<glob> or filesystem:write:<glob>"
+        )
+    if not glob:
+        raise InvalidPermission(f"{text!r}: the path glob is empty")
+    if glob == "~" or glob.startswith("~/"):
+        glob = os.path.expanduser("~") + glob[1:]
+    if not glob.startswith("/"):
+        raise InvalidPermission(f"{text!r}: the path glob must be absolute (start with / or ~/)")
+    components = [c for c in glob.split("/") if c]
+    if any(c in ("..", ".") for c in components):
+        raise InvalidPermission(f"{text!r}: path globs must not contain '..' or '.' components")
+    for component in components:
+        if "**" in component and component != "**":
+            raise InvalidPermission(f"{text!r}: '**' must be a whole path component")
+    normalised = "/" + "/".join(components)
+    return Permission("filesystem", action, normalised, f"filesystem:{action}:{normalised}")
+
+
+def _parse_net(text: str, rest: str) -> Permission:
+    host = rest.lower()
+    if not host:
+        raise InvalidPermission(f"{text!r}: the host is empty")
+    if host == "*":
+        return Permission("net", "", "*", "net:*")
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(literal)
+    except ValueError:
+        pass
+    else:
+        canonical = f"[{address}]" if address.version == 6 else str(address)
+        return Permission("net", "", canonical, f"net:{canonical}")
+    labels = host.split(".")
+    body = labels[1:] if labels[0] == "*" else labels
+    if not body or len(host) > 253 or not all(_HOST_LABEL.match(label) for label in body):
+        raise InvalidPermission(
+            f"{text!r}: expected a host name, '*.<domain>', an IP address or '*' "
+            "(no ports, paths or schemes)"
+        )
+    if labels[0] == "*" and len(body) < 2:
+        raise InvalidPermission(
+            f"{text!r}: a wildcard must cover a domain with at least two labels"
+        )
+    return Permission("net", "", host, f"net:{host}")
+
+
+def _parse_shell(text: str, rest: str) -> Permission:
+    if rest == "*":
+        return Permission("shell", "", "*", "shell:*")
+    commands = rest.split(",")
+    for command in commands:
+        if not _SHELL_COMMAND.match(command):
+            raise InvalidPermission(
+                f"{text!r}: {command!r} is not an executable name "
+                "(letters, digits, '.', '_', '+', '-'; no paths)"
+            )
+    value = ",".join(sorted(set(commands)))
+    return Permission("shell", "", value, f"shell:{value}")
+
+
+def _parse_named(kind: str, allowed: frozenset[str]):  # type: ignore[no-untyped-def]
+    def parse(text: str, rest: str) -> Permission:
+        if rest != "*" and rest not in allowed:
+            choices = ", ".join(sorted(allowed))
+            raise InvalidPermission(f"{text!r}: expected {kind}:* or {kind}:<one of {choices}>")
+        return Permission(kind, rest, "", f"{kind}:{rest}")
+
+    return parse
+
+
+_PARSERS = {
+    "filesystem": _parse_filesystem,
+    "net": _parse_net,
+    "shell": _parse_shell,
+    "schedule": _parse_named("schedule", SCHEDULE_ACTIONS),
+    "notify": _parse_named("notify", NOTIFY_CHANNELS),
+}
+
+
+# --- containment ------------------------------------------------------------------------------
+
+_STAR = "\x00"  # stands for a `*` of the contained pattern; only a `*` of the container matches it
+
+
+@lru_cache(maxsize=4096)
+def _component_regex(pattern: str) -> re.Pattern[str]:
+    parts = (re.escape(piece) for piece in pattern.split("*"))
+    return re.compile("[^/]*".join(parts) + r"\Z", re.DOTALL)
+
+
+def _component_contains(container: str, contained: str) -> bool:
+    if container == contained or container == "*":
+        return True
+    if "*" not in container:
+        return False
+    # A `*` in the contained component may stand for any text; it is covered only if a `*` of
+    # the container absorbs it, which the placeholder character enforces.
+    return bool(_component_regex(container).match(contained.replace("*", _STAR)))
+
+
+def _components_contain(container: tuple[str, ...], contained: tuple[str, ...]) -> bool:
+    if not container:
+        return not contained
+    head = container[0]
+    if head == "**":
+        return any(
+            _components_contain(container[1:], contained[i:]) for i in range(len(contained) + 1)
+        )
+    if not contained or contained[0] == "**":
+        return False
+    return _component_contains(head, contained[0]) and _components_contain(
+        container[1:], contained[1:]
+    )
+
+
+def _split(path: str) -> tuple[str, ...]:
+    return tuple(c for c in path.split("/") if c)
+
+
+def _path_contains(container: str, contained: str) -> bool:
+    return _components_contain(_split(container), _split(contained))
+
+
+def path_matches(glob: str, path: str) -> bool:
+    """True when the concrete absolute `path` matches `glob` (a literal `*` in a name matches)."""
+    pattern = _split(glob)
+    parts = tuple(p.replace("*", "\x01") for p in _split(path))
+    return _components_contain(pattern, parts)
+
+
+def _host_contains(container: str, contained: str) -> bool:
+    if container == "*" or container == contained:
+        return True
+    if contained == "*" or not container.startswith("*."):
+        return False
+    suffix = container[1:]  # ".example.com"
+    return contained.endswith(suffix) and len(contained) > len(suffix)
+
+
+# --- sets ---------------------------------------------------------------------------------------
+
+
+class CapabilitySet:
+    """An immutable set of permissions with `allows` and `contains`."""
+
+    __slots__ = ("_members",)
+
+    def __init__(self, permissions: Iterable[Permission | str] = ()) -> None:
+        members = []
+        for item in permissions:
+            members.append(item if isinstance(item, Permission) else parse_permission(item))
+        self._members: tuple[Permission, ...] = tuple(dict.fromkeys(members))
+
+    @classmethod
+    def parse(cls, permissions: Iterable[object]) -> CapabilitySet:
+        """Parse a list of strings, raising InvalidPermission for the first bad one."""
+        return cls(parse_permission(item) for item in permissions)
+
+    def __iter__(self) -> Iterator[Permission]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __repr__(self) -> str:
+        return f"CapabilitySet({self.as_strings()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CapabilitySet) and set(self._members) == set(other._members)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._members))
+
+    def as_strings(self) -> list[str]:
+        return [p.text for p in self._members]
+
+    def allows(self, required: Permission | str) -> bool:
+        """True when some member covers `required`."""
+        if isinstance(required, str):
+            required = parse_permission(required)
+        return any(member.contains(required) for member in self._members)
+
+    def contains(self, other: CapabilitySet | Iterable[Permission | str]) -> bool:
+        """True when this set allows every member of `other`."""
+        return not self.missing(other)
+
+    def missing(self, other: CapabilitySet | Iterable[Permission | str]) -> list[Permission]:
+        """The members of `other` that this set does not allow, in order."""
+        other_set = other if isinstance(other, CapabilitySet) else CapabilitySet(other)
+        return [p for p in other_set if not self.allows(p)]
+
+
+# Executables that can run arbitrary other programs or code: granting one is as good as shell:*.
+INTERPRETERS = frozenset(
+    {
+        "awk", "bash", "busybox", "dash", "env", "find", "gawk", "git", "lua", "make", "node",
+        "nohup", "perl", "php", "python", "python3", "ruby", "sh", "ssh", "sudo", "timeout",
+        "vi", "vim", "xargs", "zsh",
+    }
+)  # fmt: skip
+
+
+def interpreters_in(permissions: Iterable[Permission]) -> list[str]:
+    """The interpreter executables named by shell permissions (they amount to shell:*)."""
+    found: list[str] = []
+    for permission in permissions:
+        if permission.kind == "shell" and permission.value != "*":
+            found.extend(c for c in permission.value.split(",") if c in INTERPRETERS)
+    return found

@@ -1,0 +1,1 @@
+"""Contacts and notifications arrive with their own issue."""

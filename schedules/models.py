@@ -1,0 +1,180 @@
+"""Jobs (API name: schedules) and their executions.
+
+Contended rows are changed only by conditional UPDATEs whose row count is checked (see
+`schedules/claims.py`); nothing here does a read-modify-save on a Job a worker may hold.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class ScheduleType(models.TextChoices):
+    ONCE = "once"
+    INTERVAL = "interval"
+    CRON = "cron"
+
+
+class Misfire(models.TextChoices):
+    RUN_ONCE = "run_once"
+    SKIP = "skip"
+
+
+class Origin(models.TextChoices):
+    API = "api"
+    TOOL = "tool"
+    HEARTBEAT = "heartbeat"
+    ADMIN = "admin"
+
+
+def default_notify_on() -> list[str]:
+    return ["success", "failure"]
+
+
+class JobQuerySet(models.QuerySet["Job"]):
+    def live(self) -> JobQuerySet:
+        """Not soft-deleted."""
+        return self.filter(deleted_at__isnull=True)
+
+
+class Job(models.Model):
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs"
+    )
+    name = models.CharField(max_length=200)
+    prompt = models.TextField()
+    schedule_type = models.CharField(max_length=16, choices=ScheduleType.choices)
+    run_at = models.DateTimeField(null=True, blank=True)
+    interval_secs = models.PositiveIntegerField(null=True, blank=True)
+    cron = models.CharField(max_length=200, blank=True, default="")
+    timezone = models.CharField(max_length=64, default="UTC")
+    capabilities = models.JSONField(default=list, blank=True)
+    enabled = models.BooleanField(default=True)
+    max_executions = models.PositiveIntegerField(null=True, blank=True)
+    execution_count = models.PositiveIntegerField(default=0)
+    timeout_secs = models.PositiveIntegerField(default=300)
+    misfire = models.CharField(max_length=16, choices=Misfire.choices, default=Misfire.RUN_ONCE)
+    notify_on = models.JSONField(default=default_notify_on, blank=True)
+    # None: every channel where the owner has a verified contact.
+    notify_channels = models.JSONField(null=True, blank=True)
+    active_hours = models.CharField(max_length=32, blank=True, default="")
+
+    next_run_at = models.DateTimeField(null=True, blank=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+    schedule_version = models.PositiveIntegerField(default=1)
+    # A retry keeps the occurrence it retries: next_run_at is then the retry time, while
+    # pending_scheduled_for/pending_attempt say which occurrence and which attempt comes next.
+    pending_scheduled_for = models.DateTimeField(null=True, blank=True)
+    pending_attempt = models.PositiveIntegerField(default=1)
+
+    claim_token = models.UUIDField(null=True, blank=True)
+    claimed_by = models.CharField(max_length=200, blank=True, default="")
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+
+    origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.API)
+    heartbeat_name = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001 (NULL: not a heartbeat; unique when set)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        indexes = [
+            # The due-job scan: only enabled, live rows are indexed, so it stays small.
+            models.Index(
+                fields=["next_run_at"],
+                condition=Q(enabled=True, deleted_at__isnull=True),
+                name="job_due_idx",
+            ),
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(claim_token__isnull=False),
+                name="job_lease_idx",
+            ),
+            models.Index(fields=["owner", "created_at"], name="job_owner_created_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["heartbeat_name"],
+                condition=Q(heartbeat_name__isnull=False),
+                name="job_unique_heartbeat_name",
+            ),
+            models.CheckConstraint(
+                condition=Q(max_executions__isnull=True) | Q(max_executions__gte=1),
+                name="job_max_executions_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} (#{self.pk})"
+
+
+class ExecutionStatus(models.TextChoices):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+    SUPERSEDED = "superseded"
+    INTERRUPTED = "interrupted"
+    SKIPPED = "skipped"
+
+
+FAILURE_STATUSES = frozenset(
+    {ExecutionStatus.FAILED, ExecutionStatus.TIMED_OUT, ExecutionStatus.LOST}
+)
+FINAL_STATUSES = frozenset(set(ExecutionStatus) - {ExecutionStatus.RUNNING})
+
+
+class Execution(models.Model):
+    """One attempt at one occurrence of a job."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="executions")
+    scheduled_for = models.DateTimeField()
+    attempt = models.PositiveIntegerField(default=1)
+    status = models.CharField(
+        max_length=16, choices=ExecutionStatus.choices, default=ExecutionStatus.RUNNING
+    )
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    worker_id = models.CharField(max_length=200, blank=True, default="")
+    claim_token = models.UUIDField(null=True, blank=True)
+    schedule_version = models.PositiveIntegerField(default=1)
+    prompt = models.TextField(blank=True, default="")
+    capabilities = models.JSONField(default=list, blank=True)
+    output = models.TextField(blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    missed_count = models.PositiveIntegerField(default=0)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["job", "scheduled_for", "attempt"], name="execution_unique_attempt"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["job", "-id"], name="execution_job_newest_idx"),
+            models.Index(
+                fields=["status"],
+                condition=Q(status="running"),
+                name="execution_running_idx",
+            ),
+            models.Index(fields=["finished_at"], name="execution_finished_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}@{self.scheduled_for:%Y-%m-%d %H:%M:%S} #{self.attempt} {self.status}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

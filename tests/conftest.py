@@ -1,0 +1,51 @@
+"""Shared fixtures: users with grants and API keys, an API client, config overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+from rest_framework.test import APIClient
+
+from kernel.models import ApiKey, User
+
+
+@pytest.fixture
+def make_user(db: None) -> Callable[..., User]:
+    counter = iter(range(1, 1_000_000))
+
+    def make(username: str | None = None, grant: list[str] | None = None, **extra: Any) -> User:
+        user = User(username=username or f"user{next(counter)}", grant=grant or [], **extra)
+        user.set_unusable_password()
+        user.save()
+        return user
+
+    return make
+
+
+@pytest.fixture
+def api_client_for() -> Callable[[User], APIClient]:
+    def make(user: User) -> APIClient:
+        _, secret = ApiKey.issue(user)
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+        return client
+
+    return make
+
+
+@pytest.fixture
+def picobot_config() -> Iterator[Callable[..., None]]:
+    """Override single config values: picobot_config("scheduler", max_concurrent=1)."""
+    original = settings.PICOBOT
+
+    def override(section: str, **values: Any) -> None:
+        current = settings.PICOBOT
+        updated = dataclasses.replace(getattr(current, section), **values)
+        settings.PICOBOT = dataclasses.replace(current, **{section: updated})
+
+    yield override
+    settings.PICOBOT = original
