@@ -9,6 +9,6 @@ os.environ["PICOBOT_CONFIG"] = os.environ.get(
     "PICOBOT_TEST_CONFIG", str(Path(__file__).with_name("picobot.test.toml"))
 )
 
-from picobot_site.settings import *  # noqa: E402, F403
+from picobot_site.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -52,7 +52,15 @@ def test_a_missing_header_is_401_with_a_bearer_challenge() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    ["Bearer", "Bearer ", "Token abc", "Basic dXNlcjpwYXNz", "Bearer not-a-key", "Bearer pbk_" + "x" * 300, "Bearer pbk_a b"],
+    [
+        "Bearer",
+        "Bearer ",
+        "Token abc",
+        "Basic dXNlcjpwYXNz",
+        "Bearer not-a-key",
+        "Bearer pbk_" + "x" * 300,
+        "Bearer pbk_a b",
+    ],
 )
 def test_a_malformed_header_is_401(header: str) -> None:
     client = APIClient()
@@ -108,7 +116,9 @@ def test_the_system_principal_cannot_hold_keys_or_log_in(client) -> None:
     with pytest.raises(ValidationError):
         ApiKey.issue(system)
     # Even a key planted directly in the table is refused.
-    ApiKey.objects.create(user=system, digest=hashlib.sha256(b"pbk_planted").hexdigest(), prefix="pbk_")
+    ApiKey.objects.create(
+        user=system, digest=hashlib.sha256(b"pbk_planted").hexdigest(), prefix="pbk_"
+    )
     assert bearer("pbk_planted").get("/api/v1/me").status_code == 401
     system.set_password("a long operator password")
     system.save()

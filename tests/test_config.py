@@ -46,7 +46,9 @@ def test_an_unknown_section_is_named() -> None:
         ("model", "max_turns", [], "must be an integer"),
     ],
 )
-def test_a_value_of_the_wrong_type_is_named(section: str, key: str, value: object, reason: str) -> None:
+def test_a_value_of_the_wrong_type_is_named(
+    section: str, key: str, value: object, reason: str
+) -> None:
     with pytest.raises(ConfigError, match=rf"{section}\.{key} {reason}"):
         parse_config({section: {key: value}})
 
@@ -92,7 +94,10 @@ def test_heartbeats_in_the_seed_format_parse() -> None:
     ("prompt", "message"),
     [
         ({"prompt": "x"}, r"heartbeats\.prompts\[0\]\.name is required"),
-        ({"name": "a", "prompt": "x", "colour": 1}, r"unknown key heartbeats\.prompts\[0\]\.colour"),
+        (
+            {"name": "a", "prompt": "x", "colour": 1},
+            r"unknown key heartbeats\.prompts\[0\]\.colour",
+        ),
         ({"name": "a", "prompt": "x", "interval_secs": 60, "cron": "* * * * *"}, "not both"),
         ({"name": "a", "prompt": "x", "capabilities": ["disk:all"]}, r"capabilities: 'disk:all'"),
     ],
@@ -112,7 +117,11 @@ def test_a_malformed_file_names_the_file(tmp_path: Path) -> None:
 def test_a_bad_config_stops_manage_py_with_the_key_named(tmp_path: Path) -> None:
     path = tmp_path / "picobot.toml"
     path.write_text("[scheduler]\nlease_secs = 'long'\n")
-    env = {**os.environ, "PICOBOT_CONFIG": str(path), "DJANGO_SETTINGS_MODULE": "picobot_site.settings"}
+    env = {
+        **os.environ,
+        "PICOBOT_CONFIG": str(path),
+        "DJANGO_SETTINGS_MODULE": "picobot_site.settings",
+    }
     result = subprocess.run(
         [sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True
     )

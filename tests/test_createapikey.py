@@ -20,7 +20,9 @@ def run(*args: str) -> str:
 
 
 def test_it_creates_a_user_and_prints_a_working_key_last() -> None:
-    output = run("alice", "--create-user", "--grant", "schedule:*", "--grant", "net:api.example.com")
+    output = run(
+        "alice", "--create-user", "--grant", "schedule:*", "--grant", "net:api.example.com"
+    )
     key = output.strip().splitlines()[-1]
     assert key.startswith("pbk_") and " " not in key
     client = APIClient()
