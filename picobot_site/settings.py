@@ -87,6 +87,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "django_q",
+    "picobot_site.apps.PicobotSiteConfig",
     "kernel",
     "schedules",
     "notifications",
