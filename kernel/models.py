@@ -137,3 +137,66 @@ class ApiKey(models.Model):
             .update(last_used_at=timezone.now())
         )
         return updated == 1
+
+
+class ChatSession(models.Model):
+    """An interactive conversation: its capabilities are fixed when it is created.
+
+    `messages` is the Chat Completions history without the system prompt. `version` is bumped by
+    a conditional UPDATE on each turn, so two concurrent turns cannot overwrite each other.
+    """
+
+    owner = models.ForeignKey(User, on_delete=models.CASCADE, related_name="chat_sessions")
+    capabilities = models.JSONField(default=list, blank=True)
+    messages = models.JSONField(default=list, blank=True)
+    version = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["owner", "-updated_at"], name="chat_owner_recent_idx")]
+
+    def __str__(self) -> str:
+        return f"chat {self.pk} ({self.owner})"
+
+
+class ToolDecision(models.TextChoices):
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    INVALID = "invalid"
+    ERROR = "error"
+
+
+class ToolCall(models.Model):
+    """The audit row of one tool call, whatever its outcome. Arguments are stored redacted."""
+
+    execution = models.ForeignKey(
+        "schedules.Execution",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="tool_calls",
+    )
+    session = models.ForeignKey(
+        ChatSession, null=True, blank=True, on_delete=models.CASCADE, related_name="tool_calls"
+    )
+    user = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="tool_calls"
+    )
+    tool = models.CharField(max_length=100)
+    decision = models.CharField(max_length=16, choices=ToolDecision.choices)
+    missing_permission = models.TextField(blank=True, default="")
+    arguments = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True, default="")
+    duration_ms = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["execution", "id"], name="toolcall_execution_idx"),
+            models.Index(fields=["session", "id"], name="toolcall_session_idx"),
+            models.Index(fields=["created_at"], name="toolcall_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tool}: {self.decision}"

@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 SCHEDULE_ACTIONS = frozenset({"create", "list", "update", "delete", "cancel"})
 NOTIFY_CHANNELS = frozenset({"whatsapp", "webhook", "console"})
@@ -104,7 +104,12 @@ def _parse_filesystem(text: str, rest: str) -> Permission:
     for component in components:
         if "**" in component and component != "**":
             raise InvalidPermission(f"{text!r}: '**' must be a whole path component")
-    normalised = "/" + "/".join(components)
+    # `**/**` means the same as `**`; collapsing keeps matching linear in the number of `**`.
+    collapsed: list[str] = []
+    for component in components:
+        if not (component == "**" and collapsed and collapsed[-1] == "**"):
+            collapsed.append(component)
+    normalised = "/" + "/".join(collapsed)
     return Permission("filesystem", action, normalised, f"filesystem:{action}:{normalised}")
 
 
@@ -129,11 +134,21 @@ def _parse_net(text: str, rest: str) -> Permission:
             f"{text!r}: expected a host name, '*.<domain>', an IP address or '*' "
             "(no ports, paths or schemes)"
         )
+    if body[-1].isdigit() or _looks_numeric(body[-1]):
+        # `2130706433`, `0x7f.1` or `*.0.1` would name IP addresses in another notation.
+        raise InvalidPermission(
+            f"{text!r}: a host name cannot end in a numeric label; write IP addresses "
+            "in standard dotted or bracketed form"
+        )
     if labels[0] == "*" and len(body) < 2:
         raise InvalidPermission(
             f"{text!r}: a wildcard must cover a domain with at least two labels"
         )
     return Permission("net", "", host, f"net:{host}")
+
+
+def _looks_numeric(label: str) -> bool:
+    return bool(re.fullmatch(r"(0x[0-9a-f]*|[0-9]+)", label))
 
 
 def _parse_shell(text: str, rest: str) -> Permission:
@@ -191,18 +206,20 @@ def _component_contains(container: str, contained: str) -> bool:
 
 
 def _components_contain(container: tuple[str, ...], contained: tuple[str, ...]) -> bool:
-    if not container:
-        return not contained
-    head = container[0]
-    if head == "**":
-        return any(
-            _components_contain(container[1:], contained[i:]) for i in range(len(contained) + 1)
-        )
-    if not contained or contained[0] == "**":
-        return False
-    return _component_contains(head, contained[0]) and _components_contain(
-        container[1:], contained[1:]
-    )
+    """Whole-component glob containment; memoised so many `**` stay polynomial."""
+
+    @cache
+    def match(i: int, j: int) -> bool:
+        if i == len(container):
+            return j == len(contained)
+        head = container[i]
+        if head == "**":
+            return any(match(i + 1, k) for k in range(j, len(contained) + 1))
+        if j == len(contained) or contained[j] == "**":
+            return False
+        return _component_contains(head, contained[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
 
 
 def _split(path: str) -> tuple[str, ...]:
@@ -220,10 +237,19 @@ def path_matches(glob: str, path: str) -> bool:
     return _components_contain(pattern, parts)
 
 
+def _is_ip_literal(host: str) -> bool:
+    literal = host[1:-1] if host.startswith("[") else host
+    try:
+        ipaddress.ip_address(literal)
+    except ValueError:
+        return False
+    return True
+
+
 def _host_contains(container: str, contained: str) -> bool:
     if container == "*" or container == contained:
         return True
-    if contained == "*" or not container.startswith("*."):
+    if contained == "*" or not container.startswith("*.") or _is_ip_literal(contained):
         return False
     suffix = container[1:]  # ".example.com"
     return contained.endswith(suffix) and len(contained) > len(suffix)
@@ -271,6 +297,12 @@ class CapabilitySet:
         if isinstance(required, str):
             required = parse_permission(required)
         return any(member.contains(required) for member in self._members)
+
+    def allows_exactly(self, required: Permission | str) -> bool:
+        """True when `required` itself is a member (no wildcard of a member covers it)."""
+        if isinstance(required, str):
+            required = parse_permission(required)
+        return required in self._members
 
     def contains(self, other: CapabilitySet | Iterable[Permission | str]) -> bool:
         """True when this set allows every member of `other`."""

@@ -49,3 +49,18 @@ def picobot_config() -> Iterator[Callable[..., None]]:
 
     yield override
     settings.PICOBOT = original
+
+
+@pytest.fixture
+def model_server(settings: Any) -> Iterator[Any]:
+    """A running ScriptedModelServer; the model settings point at it for the test."""
+    from kernel.testing.model_server import ScriptedModelServer
+
+    server = ScriptedModelServer().start()
+    settings.PICOBOT_MODEL_BASE_URL = server.base_url
+    settings.PICOBOT_MODEL = "scripted-model"
+    settings.PICOBOT_MODEL_API_KEY = "test-model-key"
+    try:
+        yield server
+    finally:
+        server.stop()
