@@ -170,6 +170,8 @@ class Execution(models.Model):
                 name="execution_running_idx",
             ),
             models.Index(fields=["finished_at"], name="execution_finished_idx"),
+            # Runs per rolling window are counted at claim time from started_at.
+            models.Index(fields=["started_at"], name="execution_started_idx"),
         ]
 
     def __str__(self) -> str:

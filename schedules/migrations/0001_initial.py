@@ -109,6 +109,10 @@ class Migration(migrations.Migration):
             model_name='execution',
             index=models.Index(fields=['finished_at'], name='execution_finished_idx'),
         ),
+        migrations.AddIndex(
+            model_name='execution',
+            index=models.Index(fields=['started_at'], name='execution_started_idx'),
+        ),
         migrations.AddConstraint(
             model_name='execution',
             constraint=models.UniqueConstraint(fields=('job', 'scheduled_for', 'attempt'), name='execution_unique_attempt'),
