@@ -106,7 +106,16 @@ _SECRET_PATTERNS = [
 ]
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` without NUL characters and lone surrogates, which PostgreSQL cannot store."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
 def redact_text(text: str) -> str:
+    text = storable(text)
     for pattern, replacement in _SECRET_PATTERNS:
         text = pattern.sub(replacement, text)
     if len(text) > MAX_AUDIT_STRING_CHARS:
@@ -120,7 +129,7 @@ def redact(value: Any, _depth: int = 0) -> Any:
         return "[too deep]"
     if isinstance(value, dict):
         return {
-            str(key): "[redacted]"
+            storable(str(key)): "[redacted]"
             if _SECRET_KEY_NAME.search(str(key))
             else redact(item, _depth + 1)
             for key, item in list(value.items())[:100]
@@ -206,6 +215,7 @@ class Kernel:
         finally:
             parent.release_child(control)
         parent.check()
+        output = storable(output)  # binary files: keep the result storable in run histories
         if len(output) > MAX_OUTPUT_CHARS:
             output = output[:MAX_OUTPUT_CHARS] + "\n[output truncated]"
         return ToolResult(tool.name, ToolDecision.ALLOWED, wrap_untrusted(tool.name, output))
@@ -217,7 +227,7 @@ class Kernel:
             execution_id=context.execution_id,
             session_id=context.session_id,
             user_id=getattr(context.user, "pk", None),
-            tool=result.tool[:100],
+            tool=storable(result.tool[:100]),
             decision=result.decision,
             missing_permission=result.missing_permission,
             arguments=result.arguments,

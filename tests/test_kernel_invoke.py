@@ -223,3 +223,12 @@ def test_audit_rows_keep_no_secrets_from_the_arguments(make_user) -> None:
 def test_redaction_keeps_ordinary_values() -> None:
     assert redact({"path": "/srv/notes/a.txt", "n": 3}) == {"path": "/srv/notes/a.txt", "n": 3}
     assert redact({"password": "x"}) == {"password": "[redacted]"}
+
+
+def test_nul_characters_and_lone_surrogates_in_arguments_can_be_audited(make_user) -> None:
+    context = context_for(make_user(), ["notify:*"])
+    result = kernel.invoke("test_echo", {"text": "a\x00b\ud800", "k\x00": 1}, context)
+    assert result.decision == "invalid"
+    result = kernel.invoke("no\x00such\udfff", {"text": "a\x00b"}, context)
+    assert result.decision == "invalid"
+    assert ToolCall.objects.count() == 2

@@ -1,0 +1,240 @@
+"""`http_fetch {url}`: one GET over HTTP(S), guarded against server-side request forgery.
+
+For the URL and for every redirect: the host must be allowed (`net:<host>`); the name is
+resolved once and the connection goes to that address (the Host header and TLS SNI carry the
+name), so a second, different DNS answer cannot redirect it; loopback, private, link-local,
+carrier-grade NAT, unspecified, multicast, reserved and IPv4-mapped/embedded addresses are
+refused unless that exact host is granted (`net:localhost`, `net:10.0.0.5`, not `net:*`).
+`http.client` is used directly, so proxy settings from the environment play no part.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import re
+import socket
+import ssl
+import time
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from kernel.context import ToolContext
+from kernel.permissions import InvalidPermission, Permission, parse_permission
+from kernel.tools import Tool, ToolError, ToolPermissionDenied, register
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_REDIRECTS = 5
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+USER_AGENT = "PicoBot/1 (+http_fetch)"
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def refused_reason(address: Address) -> str | None:
+    """Why `address` is not a public destination, or None when it is."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return "an IPv4-mapped IPv6 address"
+        if address.sixtofour is not None or address.teredo is not None:
+            return "an IPv6 address embedding an IPv4 address"
+        if address in _NAT64 or address in _NAT64_LOCAL:
+            return "a NAT64 address"
+    checks = (
+        (address.is_loopback, "a loopback address"),
+        (address.is_unspecified, "an unspecified address"),
+        (address.is_link_local, "a link-local address"),
+        (address in _CGNAT, "a carrier-grade NAT address"),
+        (address.is_private, "a private address"),
+        (address.is_multicast, "a multicast address"),
+        (address.is_reserved, "a reserved address"),
+        (not address.is_global, "not a public address"),
+    )
+    for refused, reason in checks:
+        if refused:
+            return reason
+    return None
+
+
+class Target:
+    """One URL, parsed and checked for shape: scheme, host, port, path."""
+
+    def __init__(self, url: str) -> None:
+        if any(ord(ch) < 33 or ord(ch) == 127 for ch in url):
+            raise ToolError("the URL must not contain spaces or control characters")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ToolError(f"not a valid URL ({exc})") from None
+        if parts.scheme not in ("http", "https"):
+            raise ToolError("only http and https URLs can be fetched")
+        if parts.username is not None or parts.password is not None:
+            raise ToolError("URLs with credentials are refused")
+        host = (parts.hostname or "").rstrip(".")
+        if not host:
+            raise ToolError("the URL has no host")
+        self.url = url
+        self.scheme = parts.scheme
+        self.port = port or (443 if parts.scheme == "https" else 80)
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            self.address: Address | None = ipaddress.ip_address(host)
+        except ValueError:
+            # Not a standard IP literal. Notations resolvers also accept (2130706433, 0x7f.1,
+            # 127.1) end in a numeric label, which `permission()` refuses as a host name.
+            self.address = None
+        if self.address is not None:
+            self.host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+            self.connect_name = str(self.address)
+        else:
+            self.host = host
+            self.connect_name = host
+
+    def permission(self) -> Permission:
+        try:
+            return parse_permission(f"net:{self.host}")
+        except InvalidPermission as exc:
+            raise ToolError(f"not a valid host: {exc}") from None
+
+
+def resolve(target: Target, context: ToolContext) -> Address:
+    """The one address this hop connects to; refuses non-public answers without an exact grant."""
+    if target.address is not None:
+        addresses: list[Address] = [target.address]
+    else:
+        try:
+            infos = socket.getaddrinfo(target.connect_name, target.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            raise ToolError(f"cannot resolve {target.host}") from None
+        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        if not addresses:
+            raise ToolError(f"cannot resolve {target.host}")
+    exact = context.allows_exactly(target.permission())
+    for address in addresses:
+        reason = refused_reason(address)
+        if reason is not None and not exact:
+            raise ToolError(
+                f"refused: {target.host} resolves to {reason}; only an exact grant "
+                f"net:{target.host} allows that"
+            )
+    return addresses[0]
+
+
+def _connection(target: Target, address: Address, timeout: float) -> http.client.HTTPConnection:
+    connection: http.client.HTTPConnection
+    if target.scheme == "https":
+        connection = http.client.HTTPSConnection(
+            target.connect_name, target.port, timeout=timeout, context=ssl.create_default_context()
+        )
+    else:
+        connection = http.client.HTTPConnection(target.connect_name, target.port, timeout=timeout)
+
+    def connect_pinned(_address: Any, timeout: Any = None, source_address: Any = None) -> Any:
+        # Pin: connect to the address checked above, never to a fresh resolution of the name.
+        return socket.create_connection((str(address), target.port), timeout, source_address)
+
+    connection._create_connection = connect_pinned  # type: ignore[attr-defined]
+    return connection
+
+
+class HttpFetch(Tool):
+    name = "http_fetch"
+    description = (
+        "Fetch a URL with HTTP GET and return the status, content type and body as text "
+        "(at most 1 MiB). Redirects are followed when the run may fetch their hosts too."
+    )
+    parameters = {
+        "type": "object",
+        "properties": {"url": {"type": "string", "minLength": 1, "maxLength": 4096}},
+        "required": ["url"],
+        "additionalProperties": False,
+    }
+    timeout_secs = 30
+
+    def required_permissions(self, args: dict[str, Any], context: ToolContext) -> list[Permission]:
+        return [Target(args["url"]).permission()]
+
+    def run(self, args: dict[str, Any], context: ToolContext) -> str:
+        target = Target(args["url"])
+        for _ in range(MAX_REDIRECTS + 1):
+            permission = target.permission()
+            if not context.capabilities.allows(permission):
+                raise ToolPermissionDenied(permission, f"redirected to {target.host}")
+            address = resolve(target, context)
+            status, headers, body, truncated = self._get(target, address, context)
+            location = headers.get("location")
+            if status in REDIRECT_STATUSES and location:
+                target = Target(urljoin(target.url, location))
+                continue
+            return _render(target.url, status, headers, body, truncated)
+        raise ToolError(f"more than {MAX_REDIRECTS} redirects")
+
+    def _get(
+        self, target: Target, address: Address, context: ToolContext
+    ) -> tuple[int, dict[str, str], bytes, bool]:
+        control = context.control
+        control.check()
+        connection = _connection(target, address, max(0.1, control.bounded(self.timeout_secs)))
+        try:
+            connection.request(
+                "GET",
+                target.path,
+                headers={
+                    "User-Agent": USER_AGENT,
+                    "Accept": "*/*",
+                    "Accept-Encoding": "identity",
+                    "Connection": "close",
+                },
+            )
+            response = connection.getresponse()
+            headers = {key.lower(): value for key, value in response.getheaders()}
+            body = bytearray()
+            while len(body) <= MAX_BODY_BYTES:
+                control.check()
+                if connection.sock is not None:
+                    connection.sock.settimeout(max(0.1, control.bounded(self.timeout_secs)))
+                chunk = response.read1(65536)
+                if not chunk:
+                    break
+                body += chunk
+            truncated = len(body) > MAX_BODY_BYTES
+            return response.status, headers, bytes(body[:MAX_BODY_BYTES]), truncated
+        except (OSError, http.client.HTTPException) as exc:
+            control.check()
+            raise ToolError(f"fetching {target.host} failed ({_why(exc)})") from None
+        finally:
+            connection.close()
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return "TLS error"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return type(exc).__name__
+
+
+def _render(url: str, status: int, headers: dict[str, str], body: bytes, truncated: bool) -> str:
+    content_type = headers.get("content-type", "")
+    charset_match = re.search(r"charset=([\w-]+)", content_type)
+    charset = charset_match.group(1) if charset_match else "utf-8"
+    try:
+        text = body.decode(charset, errors="replace")
+    except LookupError:
+        text = body.decode("utf-8", errors="replace")
+    note = f"\n[truncated at {MAX_BODY_BYTES} bytes]" if truncated else ""
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return (
+        f"HTTP {status}\nurl: {url}\ncontent-type: {content_type or 'unknown'}\n"
+        f"fetched-at: {started}\n\n{text}{note}"
+    )
+
+
+register(HttpFetch)
