@@ -1,0 +1,654 @@
+"""The claim protocol: claiming due jobs, leases, fenced completion and recovery.
+
+Every statement here that changes a Job a worker holds is fenced: it updates only
+`WHERE id = ? AND claim_token = ?`, and only the fields the worker owns. A PATCH, a cancel or a
+delete made while the run was going is therefore never undone, and a worker that lost its claim
+(its lease expired and another worker recovered the job) changes nothing but its own execution
+row, which it marks `superseded`.
+
+Claimers are serialised by a short lock taken first in the claim transaction (a PostgreSQL
+transaction-level advisory lock; on SQLite the writer lock that BEGIN IMMEDIATE takes), so the
+global and per-user concurrency limits and the runs-per-window quota, which are counted inside
+that transaction, are exact across any number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Count, F, Window
+from django.db.models.functions import RowNumber
+
+from schedules import metrics, quotas
+from schedules.dbtime import db_now
+from schedules.models import FAILURE_STATUSES, Execution, ExecutionStatus, Job
+from schedules.timing import next_after, plan_due, retry_at, spec_of
+
+logger = logging.getLogger("picobot.claims")
+
+S = ExecutionStatus
+# Key of the advisory lock that serialises claimers on PostgreSQL ("pico" in ASCII).
+CLAIM_LOCK_KEY = 0x7069636F
+# Candidates read per claim; the per-user rank cap keeps one user's backlog from filling it.
+MAX_CANDIDATES = 500
+MAX_OUTPUT_CHARS = 20_000
+MAX_ERROR_CHARS = 4_000
+
+RELEASE: dict[str, Any] = {
+    "claim_token": None,
+    "claimed_by": "",
+    "claimed_at": None,
+    "lease_expires_at": None,
+}
+
+_rng = random.SystemRandom()
+
+
+class ClaimLost(Exception):
+    """The worker's claim token is no longer on the job: another worker recovered it."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One running execution held by this worker: what it runs and the token that fences it."""
+
+    job_id: int
+    execution_id: int
+    token: UUID
+    owner_id: int
+    schedule_type: str
+    scheduled_for: datetime
+    attempt: int
+    schedule_version: int
+    prompt: str
+    capabilities: list[str]
+    timeout_secs: int
+    started_at: datetime
+    lag_secs: float
+
+
+@dataclass
+class Outcome:
+    """How an execution ended, as the executor (or recovery, or shutdown) saw it."""
+
+    status: str
+    output: str = ""
+    error: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class ClaimResult:
+    """What one claim transaction did."""
+
+    claims: list[Claim] = field(default_factory=list)
+    skipped: int = 0
+    deferred: int = 0
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str, limit: int) -> str:
+    """`text` safe for any database and bounded: no NUL, no lone surrogates, at most `limit`."""
+    text = _SURROGATES.sub("\ufffd", (text or "").replace("\x00", ""))
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
+
+# --- claiming ----------------------------------------------------------------------------------
+
+
+def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None) -> ClaimResult:
+    """Claim up to `limit` due occurrences for `worker_id` in one short transaction.
+
+    Each claimed job gets a fresh claim token, the worker id and a lease; each claimed occurrence
+    gets its `running` Execution. Occurrences the misfire policy skips get a `skipped` execution
+    and their job moves on without holding a claim. `due_before` narrows "due" (for --once).
+    """
+    result = ClaimResult()
+    if limit <= 0:
+        return result
+    with transaction.atomic():
+        _serialise_claimers()
+        now = db_now()
+        cutoff = now if due_before is None else min(now, due_before)
+        chosen = _choose(now, cutoff, limit, result)
+        if not chosen:
+            return result
+        claimed_ids = _claim_rows(chosen, worker_id, now, cutoff)
+        lease = timedelta(seconds=settings.PICOBOT.scheduler.lease_secs)
+        for job in Job.objects.filter(id__in=claimed_ids).order_by("next_run_at", "id"):
+            claim = _start(job, worker_id, now, now + lease)
+            if claim is None:
+                result.skipped += 1
+            else:
+                result.claims.append(claim)
+    for claim in result.claims:
+        metrics.CLAIMS.inc()
+        metrics.EXECUTION_LAG.labels(claim.schedule_type).observe(claim.lag_secs)
+    return result
+
+
+def _serialise_claimers() -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [CLAIM_LOCK_KEY])
+    # SQLite: the transaction began IMMEDIATE (settings), so it already holds the writer lock.
+
+
+def _due(cutoff: datetime) -> Any:
+    return Job.objects.filter(
+        enabled=True, deleted_at__isnull=True, claim_token__isnull=True, next_run_at__lte=cutoff
+    )
+
+
+def _choose(now: datetime, cutoff: datetime, limit: int, result: ClaimResult) -> list[int]:
+    """Pick which due jobs to claim: within the limits, round-robin across owners."""
+    config = settings.PICOBOT.scheduler
+    running = dict(
+        Execution.objects.filter(status=S.RUNNING)
+        .values("job__owner_id")
+        .annotate(n=Count("id"))
+        .values_list("job__owner_id", "n")
+    )
+    free = min(limit, config.max_concurrent - sum(running.values()))
+    if free <= 0:
+        return []
+    # Rank each owner's due jobs oldest first and take rank 1 of every owner before anyone's
+    # rank 2: one user's backlog cannot starve another user.
+    candidates = list(
+        _due(cutoff)
+        .annotate(
+            rank=Window(
+                RowNumber(),
+                partition_by=[F("owner_id")],
+                order_by=[F("next_run_at").asc(), F("id").asc()],
+            )
+        )
+        .filter(rank__lte=config.max_concurrent_per_user)
+        .order_by("rank", "next_run_at", "id")
+        .values_list("id", "owner_id", "owner__is_system")[:MAX_CANDIDATES]
+    )
+    if not candidates:
+        return []
+    runs: dict[int, int] = {}
+    picked: Tally[int] = Tally()
+    chosen: list[int] = []
+    for job_id, owner_id, system in candidates:
+        if len(chosen) >= free:
+            break
+        if running.get(owner_id, 0) + picked[owner_id] >= config.max_concurrent_per_user:
+            continue
+        if not system:
+            if owner_id not in runs:
+                runs[owner_id] = quotas.runs_in_window(owner_id, now)
+            # Counted here, under the claim lock, including this claim's own picks: exact.
+            if runs[owner_id] + picked[owner_id] >= config.max_runs_per_window:
+                result.deferred += 1
+                metrics.DEFERRED.labels("max_runs_per_window").inc()
+                continue
+        picked[owner_id] += 1
+        chosen.append(job_id)
+    return chosen
+
+
+def _claim_rows(job_ids: list[int], worker_id: str, now: datetime, cutoff: datetime) -> list[int]:
+    """The claim statement: one UPDATE that re-checks "due" and writes token, worker and lease."""
+    table = Job._meta.db_table
+    ops = connection.ops
+    lease = now + timedelta(seconds=settings.PICOBOT.scheduler.lease_secs)
+    stamp = [worker_id, ops.adapt_datetimefield_value(now), ops.adapt_datetimefield_value(lease)]
+    due = "enabled AND deleted_at IS NULL AND claim_token IS NULL AND next_run_at <= %s"
+    if connection.vendor == "postgresql":
+        sql = (
+            f"UPDATE {table} SET claim_token = gen_random_uuid(), claimed_by = %s, "  # noqa: S608 (table name from the model, values bound)
+            f"claimed_at = %s, lease_expires_at = %s "
+            f"WHERE id IN (SELECT id FROM {table} WHERE id = ANY(%s) AND {due} "
+            f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id"
+        )
+        params = [*stamp, job_ids, cutoff, len(job_ids)]
+    else:
+        marks = ", ".join(["%s"] * len(job_ids))
+        sql = (
+            f"UPDATE {table} SET claim_token = lower(hex(randomblob(16))), claimed_by = %s, "  # noqa: S608 (table name from the model, values bound)
+            f"claimed_at = %s, lease_expires_at = %s "
+            f"WHERE id IN (SELECT id FROM {table} WHERE id IN ({marks}) AND {due} "
+            f"ORDER BY id LIMIT %s) RETURNING id"
+        )
+        params = [*stamp, *job_ids, ops.adapt_datetimefield_value(cutoff), len(job_ids)]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _start(job: Job, worker_id: str, now: datetime, lease_expires_at: datetime) -> Claim | None:
+    """Create the execution for a job this transaction just claimed (None: nothing to run)."""
+    assert job.claim_token is not None and job.next_run_at is not None
+    spec = spec_of(job)
+    if job.pending_scheduled_for is not None:
+        scheduled_for, attempt, missed = job.pending_scheduled_for, job.pending_attempt, 0
+    else:
+        plan = plan_due(spec, job.next_run_at, now, job.misfire)
+        scheduled_for, attempt, missed = plan.scheduled_for, 1, plan.missed_count
+        if plan.skip:
+            _skip(job, plan, now)
+            return None
+    try:
+        with transaction.atomic():
+            execution = Execution.objects.create(
+                job=job,
+                scheduled_for=scheduled_for,
+                attempt=attempt,
+                status=S.RUNNING,
+                started_at=now,
+                worker_id=worker_id,
+                claim_token=job.claim_token,
+                schedule_version=job.schedule_version,
+                prompt=job.prompt,
+                capabilities=list(job.capabilities or []),
+                missed_count=missed,
+            )
+    except IntegrityError:
+        # UNIQUE (job, scheduled_for, attempt): this attempt already started once. Running it
+        # again would be a duplicate, so the job moves past the occurrence instead.
+        logger.error(
+            "job=%s user=%s occurrence %s attempt %s already started; moving on",
+            job.pk,
+            job.owner_id,
+            scheduled_for.isoformat(),
+            attempt,
+        )
+        following = next_after(spec, scheduled_for)
+        changes: dict[str, Any] = {
+            **RELEASE,
+            "next_run_at": following,
+            "pending_scheduled_for": None,
+            "pending_attempt": 1,
+        }
+        if following is None:
+            changes["enabled"] = False
+        _fenced_job_update(job.pk, job.claim_token, changes)
+        return None
+    logger.info(
+        "claimed job=%s execution=%s user=%s scheduled_for=%s attempt=%s worker=%s",
+        job.pk,
+        execution.pk,
+        job.owner_id,
+        scheduled_for.isoformat(),
+        attempt,
+        worker_id,
+    )
+    return Claim(
+        job_id=job.pk,
+        execution_id=execution.pk,
+        token=job.claim_token,
+        owner_id=job.owner_id,
+        schedule_type=job.schedule_type,
+        scheduled_for=scheduled_for,
+        attempt=attempt,
+        schedule_version=job.schedule_version,
+        prompt=job.prompt,
+        capabilities=list(job.capabilities or []),
+        timeout_secs=job.timeout_secs,
+        started_at=now,
+        lag_secs=max(0.0, (now - job.next_run_at).total_seconds()),
+    )
+
+
+def _skip(job: Job, plan: Any, now: datetime) -> None:
+    """Misfire policy `skip`: record the missed occurrence and move to the next future one."""
+    assert job.claim_token is not None
+    try:
+        with transaction.atomic():
+            Execution.objects.create(
+                job=job,
+                scheduled_for=plan.scheduled_for,
+                attempt=1,
+                status=S.SKIPPED,
+                started_at=now,
+                finished_at=now,
+                schedule_version=job.schedule_version,
+                prompt=job.prompt,
+                capabilities=list(job.capabilities or []),
+                missed_count=plan.missed_count,
+                error="skipped by the misfire policy: later occurrences were already due",
+            )
+    except IntegrityError:
+        logger.warning("job=%s skipped occurrence was already recorded", job.pk)
+    changes: dict[str, Any] = {**RELEASE, "next_run_at": plan.next_run_at}
+    if plan.next_run_at is None:
+        changes["enabled"] = False
+    _fenced_job_update(job.pk, job.claim_token, changes)
+    metrics.EXECUTIONS.labels(S.SKIPPED, job.schedule_type).inc()
+    logger.info("job=%s user=%s skipped %s missed", job.pk, job.owner_id, plan.missed_count)
+
+
+def _fenced_job_update(job_id: int, token: UUID, changes: dict[str, Any]) -> None:
+    if Job.objects.filter(id=job_id, claim_token=token).update(**changes) != 1:
+        raise ClaimLost(f"job {job_id} is no longer held with this claim token")
+
+
+# --- while running -----------------------------------------------------------------------------
+
+
+def renew_lease(job_id: int, token: UUID) -> bool:
+    """Push the lease out by lease_secs from the database's now; False if the claim is lost."""
+    lease = timedelta(seconds=settings.PICOBOT.scheduler.lease_secs)
+    return (
+        Job.objects.filter(id=job_id, claim_token=token).update(lease_expires_at=db_now() + lease)
+        == 1
+    )
+
+
+def holds_claim(job_id: int, token: UUID) -> bool:
+    """A fenced read: does this token still hold the job?"""
+    return Job.objects.filter(id=job_id, claim_token=token).exists()
+
+
+def cancel_requested(execution_ids: list[int]) -> set[int]:
+    """Which of these executions someone asked to cancel (one primary-key read)."""
+    if not execution_ids:
+        return set()
+    return set(
+        Execution.objects.filter(
+            id__in=execution_ids, cancel_requested_at__isnull=False
+        ).values_list("id", flat=True)
+    )
+
+
+def next_wakeup() -> datetime | None:
+    """The earliest time something may need a worker: a due job or an expiring lease."""
+    due = (
+        Job.objects.filter(
+            enabled=True,
+            deleted_at__isnull=True,
+            claim_token__isnull=True,
+            next_run_at__isnull=False,
+        )
+        .order_by("next_run_at")
+        .values_list("next_run_at", flat=True)
+        .first()
+    )
+    lease = (
+        Job.objects.filter(claim_token__isnull=False, lease_expires_at__isnull=False)
+        .order_by("lease_expires_at")
+        .values_list("lease_expires_at", flat=True)
+        .first()
+    )
+    times = [t for t in (due, lease) if t is not None]
+    return min(times) if times else None
+
+
+# --- completion --------------------------------------------------------------------------------
+
+
+def complete(claim: Claim, outcome: Outcome) -> str:
+    """Record how the execution ended and move the job on, in ONE fenced transaction.
+
+    Returns the status recorded: `outcome.status`, or `superseded` when the claim was lost (then
+    only the execution row changes, and only if it is still `running` or `lost`).
+    """
+    try:
+        with transaction.atomic():
+            now = db_now()
+            job = _lock_held_job(claim.job_id, claim.token)
+            execution = Execution.objects.filter(pk=claim.execution_id).first()
+            if job is None or execution is None:
+                raise ClaimLost(f"job {claim.job_id} changed hands")
+            finish(job, execution, claim.token, outcome, now)
+    except ClaimLost:
+        record_superseded(claim, outcome)
+        return S.SUPERSEDED
+    return outcome.status
+
+
+def _lock_held_job(job_id: int, token: UUID) -> Job | None:
+    # FOR UPDATE (PostgreSQL) so a concurrent PATCH or recovery waits for us, and we read the
+    # job's current version; SQLite's IMMEDIATE transaction already excludes other writers.
+    return Job.objects.select_for_update().filter(id=job_id, claim_token=token).first()
+
+
+def record_superseded(claim: Claim, outcome: Outcome) -> None:
+    error = "finished after its lease had expired and another worker had taken over; discarded"
+    if outcome.error:
+        error = f"{error} (its own result: {outcome.status}: {outcome.error})"
+    updated = Execution.objects.filter(
+        id=claim.execution_id, claim_token=claim.token, status__in=[S.RUNNING, S.LOST]
+    ).update(
+        status=S.SUPERSEDED,
+        finished_at=db_now(),
+        output=clean_text(outcome.output, MAX_OUTPUT_CHARS),
+        error=clean_text(error, MAX_ERROR_CHARS),
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+    )
+    logger.warning(
+        "job=%s execution=%s user=%s superseded (claim lost; %s row updated)",
+        claim.job_id,
+        claim.execution_id,
+        claim.owner_id,
+        updated,
+    )
+    if updated:
+        metrics.EXECUTIONS.labels(S.SUPERSEDED, claim.schedule_type).inc()
+
+
+def finish(job: Job, execution: Execution, token: UUID, outcome: Outcome, now: datetime) -> None:
+    """Inside a transaction that holds `job` (locked, claimed with `token`): finalise the
+    execution, move the job on and release the claim. Raises ClaimLost if a fence fails."""
+    updated = Execution.objects.filter(id=execution.pk, claim_token=token, status=S.RUNNING).update(
+        status=outcome.status,
+        finished_at=now,
+        output=clean_text(outcome.output, MAX_OUTPUT_CHARS),
+        error=clean_text(outcome.error, MAX_ERROR_CHARS),
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+    )
+    if updated != 1:
+        raise ClaimLost(f"execution {execution.pk} is no longer running under this token")
+    changes, disabled_reason = job_changes(job, execution, outcome, now)
+    _fenced_job_update(job.pk, token, {**RELEASE, **changes})
+    write_completion_notifications(
+        job=job,
+        execution_id=execution.pk,
+        status=outcome.status,
+        output=outcome.output,
+        error=outcome.error,
+        disabled_reason=disabled_reason,
+    )
+    metrics.EXECUTIONS.labels(outcome.status, job.schedule_type).inc()
+    logger.info(
+        "finished job=%s execution=%s user=%s status=%s%s",
+        job.pk,
+        execution.pk,
+        job.owner_id,
+        outcome.status,
+        f" ({disabled_reason})" if disabled_reason else "",
+    )
+
+
+def job_changes(
+    job: Job, execution: Execution, outcome: Outcome, now: datetime
+) -> tuple[dict[str, Any], str]:
+    """The worker-owned job fields to write when `execution` ends, and why the job is being
+    disabled ("" when it is not). `next_run_at`, retries and the failure count are written only
+    if the schedule is the version the execution ran."""
+    config = settings.PICOBOT.scheduler
+    status = outcome.status
+    same_version = job.schedule_version == execution.schedule_version
+    if job.deleted_at is not None:
+        return {}, ""
+    if status == S.INTERRUPTED:
+        # Released at shutdown: the occurrence is still due (next_run_at untouched), and the
+        # next attempt gets a new number so UNIQUE (job, scheduled_for, attempt) holds.
+        if not same_version:
+            return {}, ""
+        return {
+            "pending_scheduled_for": execution.scheduled_for,
+            "pending_attempt": execution.attempt + 1,
+        }, ""
+    changes: dict[str, Any] = {"last_run_at": execution.started_at or now}
+    failed = status in FAILURE_STATUSES
+    following = next_after(spec_of(job), execution.scheduled_for) if same_version else None
+    if failed and same_version:
+        failures = Execution.objects.filter(
+            job_id=job.pk, scheduled_for=execution.scheduled_for, status__in=FAILURE_STATUSES
+        ).count()
+        if failures <= config.max_retries:
+            retry = retry_at(
+                attempt=failures,
+                failed_at=now,
+                next_occurrence=following,
+                base_secs=config.backoff_base_secs,
+                max_secs=config.backoff_max_secs,
+                rng=_rng,
+            )
+            if retry is not None:
+                changes.update(
+                    next_run_at=retry,
+                    pending_scheduled_for=execution.scheduled_for,
+                    pending_attempt=execution.attempt + 1,
+                    last_error=clean_text(outcome.error, MAX_ERROR_CHARS),
+                )
+                return changes, ""
+    # The occurrence is final: it counts once, whatever number of attempts it took.
+    count = job.execution_count + 1
+    changes["execution_count"] = count
+    disabled_reason = ""
+    if same_version:
+        changes.update(pending_scheduled_for=None, pending_attempt=1, next_run_at=following)
+        if following is None:
+            disabled_reason = "a once job is disabled after its run"
+        if failed:
+            failures_in_row = job.consecutive_failures + 1
+            changes["consecutive_failures"] = failures_in_row
+            changes["last_error"] = clean_text(outcome.error, MAX_ERROR_CHARS)
+            if failures_in_row >= config.max_consecutive_failures:
+                disabled_reason = (
+                    f"disabled after {failures_in_row} consecutive failed runs "
+                    f"([scheduler] max_consecutive_failures = {config.max_consecutive_failures})"
+                )
+                changes["last_error"] = clean_text(
+                    f"Disabled after {failures_in_row} consecutive failed runs. "
+                    f"Last error: {outcome.error}",
+                    MAX_ERROR_CHARS,
+                )
+        elif status == S.SUCCEEDED:
+            changes.update(consecutive_failures=0, last_error="")
+    elif failed:
+        changes["last_error"] = clean_text(outcome.error, MAX_ERROR_CHARS)
+    if job.max_executions is not None and count >= job.max_executions and not disabled_reason:
+        disabled_reason = f"max_executions ({job.max_executions}) reached"
+    if disabled_reason:
+        changes.update(enabled=False, next_run_at=None)
+    return changes, disabled_reason
+
+
+def write_completion_notifications(
+    *,
+    job: Job,
+    execution_id: int,
+    status: str,
+    output: str,
+    error: str,
+    disabled_reason: str,
+) -> None:
+    """Write the notification rows of one completion, inside its fenced transaction.
+
+    Called by `finish` after the execution and job rows are written and before the transaction
+    commits, so a message exists exactly when the completion does. The notifications app fills
+    this in (result messages per the job's notify settings, NOTHING_TO_REPORT sends nothing, and
+    the owner is told when `disabled_reason` disables the job); until then it writes nothing.
+    """
+
+
+# --- recovery and retention --------------------------------------------------------------------
+
+
+def recover_expired(limit: int = 50) -> int:
+    """Recover up to `limit` jobs whose lease expired: the orphaned execution becomes `lost`
+    (`cancelled` if a cancel was requested) and the occurrence goes to the retry policy."""
+    expired = list(
+        Job.objects.filter(claim_token__isnull=False, lease_expires_at__lt=db_now())
+        .order_by("lease_expires_at")
+        .values_list("id", "claim_token")[:limit]
+    )
+    return sum(1 for job_id, token in expired if _recover_one(job_id, token))
+
+
+def _recover_one(job_id: int, token: UUID) -> bool:
+    with transaction.atomic():
+        now = db_now()
+        job = (
+            Job.objects.select_for_update(skip_locked=True)
+            .filter(id=job_id, claim_token=token, lease_expires_at__lt=now)
+            .first()
+        )
+        if job is None:
+            return False
+        execution = Execution.objects.filter(
+            job_id=job_id, claim_token=token, status=S.RUNNING
+        ).first()
+        if execution is None:
+            _fenced_job_update(job_id, token, dict(RELEASE))
+            return True
+        if execution.cancel_requested_at is not None:
+            outcome = Outcome(S.CANCELLED, error="cancelled (its worker stopped before finishing)")
+        else:
+            outcome = Outcome(
+                S.LOST,
+                error=(
+                    f"lost: worker {execution.worker_id or '?'} stopped renewing its lease "
+                    "(killed, paused or its host lost)"
+                ),
+            )
+        finish(job, execution, token, outcome, now)
+    metrics.EXPIRED_LEASES.labels(outcome.status).inc()
+    logger.warning(
+        "recovered expired lease job=%s execution=%s user=%s -> %s",
+        job_id,
+        execution.pk,
+        job.owner_id,
+        outcome.status,
+    )
+    return True
+
+
+def purge_history(batch: int = 1000) -> tuple[int, int]:
+    """Delete finished executions and soft-deleted jobs older than [scheduler] history_days.
+
+    Returns (executions, jobs) deleted. Deleting in batches keeps each transaction short.
+    """
+    cutoff = db_now() - timedelta(days=settings.PICOBOT.scheduler.history_days)
+    executions = jobs = 0
+    while True:
+        ids = list(
+            Execution.objects.filter(finished_at__lt=cutoff)
+            .exclude(status=S.RUNNING)
+            .values_list("id", flat=True)[:batch]
+        )
+        if not ids:
+            break
+        executions += Execution.objects.filter(id__in=ids).delete()[1].get(Execution._meta.label, 0)
+    while True:
+        ids = list(
+            Job.objects.filter(deleted_at__lt=cutoff, claim_token__isnull=True).values_list(
+                "id", flat=True
+            )[:batch]
+        )
+        if not ids:
+            break
+        jobs += Job.objects.filter(id__in=ids).delete()[1].get(Job._meta.label, 0)
+    return executions, jobs

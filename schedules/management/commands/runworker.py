@@ -1,0 +1,73 @@
+"""`manage.py runworker [--once] [--concurrency N] [--worker-id ID]`: run the scheduler."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from django.conf import settings
+from django.core.management import call_command, get_commands
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from schedules.worker import Worker
+
+DISABLED_MESSAGE = (
+    "The scheduler is disabled. To run scheduled prompts, add\n\n"
+    "    [scheduler]\n    enabled = true\n\n"
+    "to picobot.toml (or the file PICOBOT_CONFIG names) and start runworker again."
+)
+
+
+class Command(BaseCommand):
+    help = "Run the scheduler: claim due schedules and run them through the agent."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--once", action="store_true", help="Run what is due now, wait for it, then exit."
+        )
+        parser.add_argument(
+            "--concurrency",
+            type=int,
+            default=None,
+            help="Executions run at once by this worker (default: [scheduler] max_concurrent).",
+        )
+        parser.add_argument(
+            "--worker-id", default=None, help="Name recorded on claims (default: host:pid)."
+        )
+        parser.add_argument(
+            "--grace-secs",
+            type=float,
+            default=30.0,
+            help="On SIGTERM/SIGINT, how long running executions get to finish (default 30).",
+        )
+        parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=None,
+            help="Serve Prometheus metrics on this port (default: not served).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        config = settings.PICOBOT.scheduler
+        if not config.enabled:
+            raise CommandError(DISABLED_MESSAGE)
+        concurrency = options["concurrency"] or config.max_concurrent
+        if concurrency < 1:
+            raise CommandError("--concurrency must be at least 1")
+        if options["grace_secs"] < 0:
+            raise CommandError("--grace-secs must be 0 or more")
+        if "loadheartbeats" in get_commands():
+            call_command("loadheartbeats")
+        if options["metrics_port"] is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(options["metrics_port"])
+        worker = Worker(
+            worker_id=options["worker_id"],
+            concurrency=concurrency,
+            once=options["once"],
+            grace_secs=options["grace_secs"],
+        )
+        code = worker.run()
+        if code:
+            sys.exit(code)

@@ -1,0 +1,369 @@
+"""The worker: a thin loop around small steps, a thread per running execution, a monitor.
+
+- The main loop recovers expired leases, claims due occurrences into free slots, and otherwise
+  sleeps until the next due time (at most `tick_secs`); the sleep is a self-pipe `select`, woken
+  by a signal, by a finishing execution, or by a PostgreSQL NOTIFY on `picobot_schedules`.
+- Each claimed execution runs in its own daemon thread through `executor.execute`, then
+  `claims.complete` writes the result in one fenced transaction.
+- The monitor thread, every half second, reads cancellation requests for this worker's running
+  executions (one primary-key read), enforces deadlines (cancelling the RunControl kills shell
+  subprocesses), and every third of `lease_secs` renews the leases; a renewal that finds the
+  token gone stops that run (it will be recorded `superseded`).
+- SIGTERM/SIGINT: stop claiming, let running executions finish within the grace period, then
+  cancel the rest, record them `interrupted` and release them for another worker at once. A
+  second signal exits immediately (the leases then expire and another worker recovers them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from types import FrameType
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+
+from kernel.context import RunControl
+from schedules import claims, executor, metrics
+from schedules.dbtime import db_now
+from schedules.models import ExecutionStatus
+
+logger = logging.getLogger("picobot.worker")
+
+S = ExecutionStatus
+MONITOR_POLL_SECS = 0.5
+PURGE_EVERY_SECS = 3600.0
+# After the grace period, how long cancelled runs get to record themselves `interrupted`
+# before the main thread releases them itself.
+CANCEL_SETTLE_SECS = 3.0
+NOTIFY_CHANNEL = "picobot_schedules"
+
+
+class Waker:
+    """An interruptible sleep: `sleep()` returns early once anyone (a thread, a signal handler)
+    calls `wake()`. A self-pipe, because os.write is safe inside a signal handler."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._write, b"!")
+
+    def sleep(self, secs: float, extra: list[Any] | None = None) -> list[Any]:
+        """Sleep up to `secs`; returns the extra file objects that became readable."""
+        ready, _, _ = select.select([self._read, *(extra or [])], [], [], max(0.0, secs))
+        if self._read in ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._read, 4096):
+                    pass
+        return [item for item in ready if item != self._read]
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+@dataclass
+class Running:
+    claim: claims.Claim
+    control: RunControl
+    thread: threading.Thread
+    started: float
+
+
+class Worker:
+    """One scheduler worker process: see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: str | None = None,
+        concurrency: int = 1,
+        once: bool = False,
+        grace_secs: float = 30.0,
+    ) -> None:
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.concurrency = concurrency
+        self.once = once
+        self.grace_secs = grace_secs
+        self.running: dict[int, Running] = {}
+        self.stopping = False
+        self._lock = threading.Lock()
+        self._waker = Waker()
+        self._monitor_stop = threading.Event()
+        self._next_purge = 0.0
+        self._listener: Any = None
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped (or, with once, until what was due has run). Returns an exit code."""
+        self.install_signal_handlers()
+        monitor = threading.Thread(target=self._monitor, name="lease-monitor", daemon=True)
+        monitor.start()
+        self._listen()
+        logger.info(
+            "worker %s started: concurrency=%s once=%s", self.worker_id, self.concurrency, self.once
+        )
+        try:
+            if self.once:
+                self._run_once()
+            else:
+                self._run_forever()
+            self.drain()
+        finally:
+            self._monitor_stop.set()
+            monitor.join(timeout=5)
+            self._unlisten()
+            connection.close()
+        logger.info("worker %s stopped", self.worker_id)
+        return 0
+
+    def _run_forever(self) -> None:
+        while not self.stopping:
+            self.handle_one_purge()
+            self.handle_one_recovery()
+            if self.handle_one_claim():
+                continue
+            self.idle()
+
+    def _run_once(self) -> None:
+        cutoff = db_now()
+        while not self.stopping:
+            self.handle_one_recovery()
+            if self.handle_one_claim(due_before=cutoff):
+                continue
+            if not self.running_count():
+                return
+            self._waker.sleep(settings.PICOBOT.scheduler.tick_secs)
+
+    def handle_one_claim(self, *, due_before: datetime | None = None) -> bool:
+        """Claim due occurrences into the free slots; True if the claim did anything."""
+        free = self.concurrency - self.running_count()
+        if free <= 0 or self.stopping:
+            return False
+        result = claims.claim_due(self.worker_id, free, due_before=due_before)
+        for claim in result.claims:
+            self._start(claim)
+        return bool(result.claims or result.skipped)
+
+    def handle_one_recovery(self) -> bool:
+        """Recover jobs whose lease expired; True if any was recovered."""
+        return claims.recover_expired() > 0
+
+    def handle_one_purge(self) -> bool:
+        """Purge old history about once an hour; True if it ran."""
+        now = time.monotonic()
+        if now < self._next_purge:
+            return False
+        self._next_purge = now + PURGE_EVERY_SECS
+        executions, jobs = claims.purge_history()
+        if executions or jobs:
+            logger.info("purged %s executions and %s deleted jobs", executions, jobs)
+        return True
+
+    def idle(self) -> None:
+        """Sleep until the next due time or lease expiry, at most tick_secs; interruptible."""
+        self._waker.sleep(self.idle_secs(), extra=self._listen_fds())
+        self._drain_notifies()
+
+    def idle_secs(self) -> float:
+        tick = float(settings.PICOBOT.scheduler.tick_secs)
+        if self.running_count() >= self.concurrency:
+            return tick  # a finishing execution wakes us
+        wake = claims.next_wakeup()
+        if wake is None:
+            return tick
+        delta = (wake - db_now()).total_seconds()
+        # Due already, yet the claim took nothing: the limits hold it back. Check again in a tick
+        # rather than spin.
+        return tick if delta <= 0 else min(tick, delta)
+
+    def running_count(self) -> int:
+        with self._lock:
+            return len(self.running)
+
+    # --- one execution -------------------------------------------------------------------------
+
+    def _start(self, claim: claims.Claim) -> None:
+        control = RunControl.with_timeout(claim.timeout_secs)
+        thread = threading.Thread(
+            target=self._execute,
+            args=(claim, control),
+            name=f"execution-{claim.execution_id}",
+            daemon=True,
+        )
+        with self._lock:
+            self.running[claim.execution_id] = Running(claim, control, thread, time.monotonic())
+            metrics.RUNNING.set(len(self.running))
+        thread.start()
+
+    def _execute(self, claim: claims.Claim, control: RunControl) -> None:
+        started = time.monotonic()
+        try:
+            close_old_connections()
+            outcome = executor.execute(
+                claim, control, lambda: claims.holds_claim(claim.job_id, claim.token)
+            )
+            if outcome.status == S.SUPERSEDED:
+                claims.record_superseded(claim, outcome)
+            else:
+                claims.complete(claim, outcome)
+            metrics.EXECUTION_DURATION.labels(claim.schedule_type).observe(
+                time.monotonic() - started
+            )
+        except Exception:
+            # Nothing recorded: the lease runs out and a worker recovers the occurrence.
+            logger.exception(
+                "job=%s execution=%s user=%s could not be completed",
+                claim.job_id,
+                claim.execution_id,
+                claim.owner_id,
+            )
+        finally:
+            with self._lock:
+                self.running.pop(claim.execution_id, None)
+                metrics.RUNNING.set(len(self.running))
+            connection.close()
+            self._waker.wake()
+
+    # --- the monitor thread --------------------------------------------------------------------
+
+    def _monitor(self) -> None:
+        renew_every = settings.PICOBOT.scheduler.lease_secs / 3
+        next_renewal = time.monotonic() + renew_every
+        while not self._monitor_stop.wait(MONITOR_POLL_SECS):
+            try:
+                self.handle_one_watch()
+                if time.monotonic() >= next_renewal:
+                    next_renewal = time.monotonic() + renew_every
+                    self.handle_one_renewal()
+            except Exception:
+                logger.exception("lease monitor: database error; retrying")
+                connection.close()
+        connection.close()
+
+    def _snapshot(self) -> list[Running]:
+        with self._lock:
+            return list(self.running.values())
+
+    def handle_one_watch(self) -> bool:
+        """Stop runs past their deadline or asked to cancel; True if any was stopped."""
+        running = self._snapshot()
+        stopped = False
+        for item in running:
+            if item.control.expired() and not item.control.cancelled:
+                item.control.cancel(executor.DEADLINE)
+                stopped = True
+        live = [item for item in running if not item.control.cancelled]
+        wanted = claims.cancel_requested([item.claim.execution_id for item in live])
+        for item in live:
+            if item.claim.execution_id in wanted:
+                logger.info(
+                    "job=%s execution=%s user=%s cancel requested",
+                    item.claim.job_id,
+                    item.claim.execution_id,
+                    item.claim.owner_id,
+                )
+                item.control.cancel(executor.CANCEL_REQUESTED)
+                stopped = True
+        return stopped
+
+    def handle_one_renewal(self) -> bool:
+        """Renew every held lease; a lost one stops its run. True if all were renewed."""
+        all_held = True
+        for item in self._snapshot():
+            if not claims.renew_lease(item.claim.job_id, item.claim.token):
+                all_held = False
+                logger.warning(
+                    "job=%s execution=%s user=%s lost its claim",
+                    item.claim.job_id,
+                    item.claim.execution_id,
+                    item.claim.owner_id,
+                )
+                item.control.cancel(executor.CLAIM_LOST)
+        return all_held
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.stopping:
+            # The second signal: leave now. The leases expire and another worker recovers them.
+            os._exit(128 + signum)
+        self.stopping = True
+        self._waker.wake()
+
+    def request_stop(self) -> None:
+        self.stopping = True
+        self._waker.wake()
+
+    def drain(self) -> None:
+        """Let running executions finish within the grace period, then interrupt the rest."""
+        deadline = time.monotonic() + self.grace_secs
+        while self.running_count() and time.monotonic() < deadline:
+            self._waker.sleep(min(0.5, deadline - time.monotonic()))
+        left = self._snapshot()
+        if not left:
+            return
+        logger.warning("grace period over: interrupting %s running executions", len(left))
+        for item in left:
+            item.control.cancel(executor.SHUTDOWN)
+        settle = time.monotonic() + CANCEL_SETTLE_SECS
+        while self.running_count() and time.monotonic() < settle:
+            self._waker.sleep(0.1)
+        for item in self._snapshot():
+            # Still stuck (e.g. inside a model request): release it ourselves. Its thread's own
+            # completion will then find the token gone and change nothing.
+            claims.complete(
+                item.claim,
+                claims.Outcome(S.INTERRUPTED, error="the worker shut down; it will run again"),
+            )
+
+    # --- PostgreSQL LISTEN/NOTIFY --------------------------------------------------------------
+
+    def _listen(self) -> None:
+        if connection.vendor != "postgresql":
+            return
+        import psycopg
+
+        params = connection.get_connection_params()
+        params.pop("cursor_factory", None)
+        params.pop("context", None)
+        try:
+            self._listener = psycopg.connect(**params, autocommit=True)
+            self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        except psycopg.Error:
+            logger.warning("LISTEN %s failed; waking on the tick only", NOTIFY_CHANNEL)
+            self._listener = None
+
+    def _listen_fds(self) -> list[Any]:
+        return [self._listener.fileno()] if self._listener is not None else []
+
+    def _drain_notifies(self) -> None:
+        if self._listener is None:
+            return
+        with contextlib.suppress(Exception):
+            for _ in self._listener.notifies(timeout=0):
+                pass
+
+    def _unlisten(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                self._listener.close()
+            self._listener = None

@@ -1,0 +1,401 @@
+"""The claim protocol in one process: claims, limits, fairness, fencing, completion, recovery."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from kernel.models import User
+from schedules import claims
+from schedules.claims import Outcome
+from schedules.dbtime import db_now
+from schedules.models import Execution, ExecutionStatus, Job
+
+S = ExecutionStatus
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def make_job(make_user: Callable[..., User]) -> Callable[..., Job]:
+    default_owner: list[User] = []
+
+    def make(owner: User | None = None, **fields: Any) -> Job:
+        if owner is None:
+            if not default_owner:
+                default_owner.append(make_user())
+            owner = default_owner[0]
+        values: dict[str, Any] = {
+            "name": "job",
+            "prompt": "say hi",
+            "schedule_type": "interval",
+            "interval_secs": 3600,
+            "next_run_at": db_now() - timedelta(seconds=1),
+            "capabilities": ["shell:echo"],
+        }
+        values.update(fields)
+        return Job.objects.create(owner=owner, **values)
+
+    return make
+
+
+def claim(limit: int = 10, worker: str = "w1") -> list[claims.Claim]:
+    return claims.claim_due(worker, limit).claims
+
+
+def test_it_claims_a_due_job_with_a_token_a_lease_and_a_running_execution(make_job):
+    job = make_job()
+    due = job.next_run_at
+    [c] = claim(worker="w-test")
+    job.refresh_from_db()
+    assert job.claim_token == c.token and job.claimed_by == "w-test"
+    assert job.lease_expires_at > db_now()
+    execution = Execution.objects.get(pk=c.execution_id)
+    assert execution.status == S.RUNNING and execution.claim_token == c.token
+    assert execution.scheduled_for == due and execution.attempt == 1
+    assert execution.prompt == "say hi" and execution.capabilities == ["shell:echo"]
+    assert execution.worker_id == "w-test"
+
+
+def test_it_claims_nothing_that_is_not_due(make_job):
+    make_job(next_run_at=db_now() + timedelta(minutes=5))
+    make_job(enabled=False)
+    make_job(deleted_at=db_now())
+    make_job(next_run_at=None)
+    assert claim() == []
+
+
+def test_a_claimed_job_is_not_claimed_again(make_job):
+    make_job()
+    assert len(claim(worker="a")) == 1
+    assert claim(worker="b") == []
+    assert Execution.objects.count() == 1
+
+
+def test_each_claim_gets_a_fresh_token(make_job):
+    make_job()
+    make_job()
+    tokens = {c.token for c in claim()}
+    assert len(tokens) == 2
+
+
+def test_the_global_limit_holds_across_claims(make_job, picobot_config, make_user):
+    picobot_config("scheduler", max_concurrent=3, max_concurrent_per_user=10)
+    for _ in range(5):
+        make_job(owner=make_user())
+    assert len(claim(worker="a")) == 3
+    assert claim(worker="b") == []
+
+
+def test_the_per_user_limit_holds_and_one_users_backlog_does_not_starve_another(
+    make_job, make_user, picobot_config
+):
+    picobot_config("scheduler", max_concurrent=4, max_concurrent_per_user=2)
+    busy, quiet = make_user(), make_user()
+    old = db_now() - timedelta(hours=1)
+    for i in range(20):
+        make_job(owner=busy, next_run_at=old + timedelta(seconds=i))
+    make_job(owner=quiet)  # due later than all of busy's backlog
+    got = claim(limit=3)
+    owners = [c.owner_id for c in got]
+    assert owners.count(quiet.pk) == 1
+    assert owners.count(busy.pk) == 2
+    assert claim() == []  # busy is at its limit, quiet has nothing else
+
+
+def test_an_over_quota_occurrence_is_deferred_and_keeps_its_scheduled_time(
+    make_job, picobot_config
+):
+    picobot_config("scheduler", max_runs_per_window=1, window_secs=3600)
+    first = make_job()
+    [c] = claim()
+    claims.complete(c, Outcome(S.SUCCEEDED, output="done"))
+    late = make_job(schedule_type="once", interval_secs=None, run_at=db_now())
+    due = Job.objects.get(pk=late.pk).next_run_at
+    result = claims.claim_due("w", 10)
+    assert result.claims == [] and result.deferred == 1
+    # The window slides on: the earlier run falls out of it and the deferred one runs as planned.
+    Execution.objects.filter(job=first).update(started_at=db_now() - timedelta(hours=2))
+    [c] = claim()
+    assert c.job_id == late.pk and c.scheduled_for == due
+
+
+def test_the_system_principal_is_exempt_from_the_runs_quota(make_job, make_user, picobot_config):
+    picobot_config("scheduler", max_runs_per_window=1)
+    system = make_user(is_system=True)
+    make_job(owner=system)
+    make_job(owner=system)
+    assert len(claim()) == 2
+
+
+def test_misfire_skip_records_a_skipped_execution_and_moves_on(make_job):
+    now = db_now()
+    job = make_job(interval_secs=60, next_run_at=now - timedelta(seconds=150), misfire="skip")
+    result = claims.claim_due("w", 10)
+    assert result.claims == [] and result.skipped == 1
+    job.refresh_from_db()
+    skipped = Execution.objects.get(job=job)
+    assert skipped.status == S.SKIPPED and skipped.missed_count == 2
+    assert job.claim_token is None and job.next_run_at > now
+
+
+def test_run_once_runs_the_latest_missed_occurrence_and_counts_the_rest(make_job):
+    now = db_now()
+    start = now - timedelta(seconds=150)
+    make_job(interval_secs=60, next_run_at=start)
+    [c] = claim()
+    execution = Execution.objects.get(pk=c.execution_id)
+    assert execution.scheduled_for == start + timedelta(seconds=120)
+    assert execution.missed_count == 2
+
+
+def test_success_reschedules_from_the_scheduled_time_and_releases_the_claim(make_job):
+    job = make_job(interval_secs=600)
+    [c] = claim()
+    assert claims.complete(c, Outcome(S.SUCCEEDED, output="fine")) == S.SUCCEEDED
+    job.refresh_from_db()
+    assert job.next_run_at == c.scheduled_for + timedelta(seconds=600)
+    assert job.claim_token is None and job.lease_expires_at is None and job.claimed_by == ""
+    assert job.execution_count == 1 and job.last_run_at == c.started_at
+    execution = Execution.objects.get(pk=c.execution_id)
+    assert execution.status == S.SUCCEEDED and execution.output == "fine"
+    assert execution.finished_at is not None
+
+
+def test_a_once_job_is_disabled_after_its_run(make_job):
+    job = make_job(schedule_type="once", interval_secs=None, run_at=db_now())
+    [c] = claim()
+    claims.complete(c, Outcome(S.SUCCEEDED))
+    job.refresh_from_db()
+    assert not job.enabled and job.next_run_at is None
+
+
+def test_a_cancelled_once_job_is_disabled(make_job):
+    job = make_job(schedule_type="once", interval_secs=None, run_at=db_now())
+    [c] = claim()
+    claims.complete(c, Outcome(S.CANCELLED))
+    job.refresh_from_db()
+    assert not job.enabled and job.consecutive_failures == 0
+
+
+def test_max_executions_counts_occurrences_not_attempts(make_job, picobot_config):
+    picobot_config("scheduler", max_retries=1, backoff_base_secs=1, backoff_max_secs=1)
+    job = make_job(max_executions=2, interval_secs=60)
+    [c] = claim()
+    claims.complete(c, Outcome(S.FAILED, error="boom"))  # retried: not counted yet
+    job.refresh_from_db()
+    assert job.execution_count == 0 and job.pending_attempt == 2
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now())
+    [c] = claim()
+    assert c.attempt == 2 and c.scheduled_for == Execution.objects.get(attempt=1).scheduled_for
+    claims.complete(c, Outcome(S.SUCCEEDED))
+    job.refresh_from_db()
+    assert job.execution_count == 1 and job.enabled and job.pending_scheduled_for is None
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now())
+    [c] = claim()
+    claims.complete(c, Outcome(S.SUCCEEDED))
+    job.refresh_from_db()
+    assert job.execution_count == 2 and not job.enabled and job.next_run_at is None
+
+
+def test_a_failure_is_retried_with_backoff_before_the_next_occurrence(make_job, picobot_config):
+    picobot_config("scheduler", max_retries=3, backoff_base_secs=10, backoff_max_secs=3600)
+    job = make_job(interval_secs=3600)
+    [c] = claim()
+    before = db_now()
+    claims.complete(c, Outcome(S.FAILED, error="boom"))
+    job.refresh_from_db()
+    delay = (job.next_run_at - before).total_seconds()
+    assert 4 <= delay <= 11
+    assert job.pending_scheduled_for == c.scheduled_for and job.pending_attempt == 2
+    assert job.last_error == "boom" and job.consecutive_failures == 0
+
+
+def test_a_retry_that_would_reach_the_next_occurrence_is_given_up(make_job, picobot_config):
+    picobot_config("scheduler", max_retries=3, backoff_base_secs=100, backoff_max_secs=3600)
+    job = make_job(interval_secs=60)
+    [c] = claim()
+    claims.complete(c, Outcome(S.TIMED_OUT, error="too slow"))
+    job.refresh_from_db()
+    assert job.next_run_at == c.scheduled_for + timedelta(seconds=60)
+    assert job.pending_scheduled_for is None and job.consecutive_failures == 1
+    assert job.execution_count == 1
+
+
+def test_repeated_failed_occurrences_disable_the_job_saying_so(make_job, picobot_config):
+    picobot_config("scheduler", max_retries=0, max_consecutive_failures=3)
+    job = make_job(interval_secs=60)
+    for _ in range(3):
+        Job.objects.filter(pk=job.pk).update(next_run_at=db_now())
+        [c] = claim()
+        claims.complete(c, Outcome(S.FAILED, error="the model said no"))
+    job.refresh_from_db()
+    assert not job.enabled and job.consecutive_failures == 3
+    assert "Disabled after 3 consecutive failed runs" in job.last_error
+    assert "the model said no" in job.last_error
+
+
+def test_a_success_resets_the_failure_count(make_job, picobot_config):
+    picobot_config("scheduler", max_retries=0)
+    job = make_job(interval_secs=60)
+    [c] = claim()
+    claims.complete(c, Outcome(S.FAILED, error="x"))
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now())
+    [c] = claim()
+    claims.complete(c, Outcome(S.SUCCEEDED))
+    job.refresh_from_db()
+    assert job.consecutive_failures == 0 and job.last_error == ""
+
+
+def test_a_patch_during_the_run_keeps_its_next_run_and_its_fields(make_job):
+    job = make_job(interval_secs=600)
+    [c] = claim()
+    patched_next = db_now() + timedelta(days=2)
+    # What lifecycle.update_job does: a conditional UPDATE of the changed fields only.
+    Job.objects.filter(pk=job.pk).update(
+        prompt="new prompt", schedule_version=job.schedule_version + 1, next_run_at=patched_next
+    )
+    claims.complete(c, Outcome(S.SUCCEEDED))
+    job.refresh_from_db()
+    assert job.next_run_at == patched_next and job.prompt == "new prompt"
+    assert job.claim_token is None and job.execution_count == 1
+
+
+def test_a_cancel_or_delete_made_during_the_run_is_not_undone(make_job):
+    job = make_job()
+    [c] = claim()
+    deleted_at = db_now()
+    Job.objects.filter(pk=job.pk).update(deleted_at=deleted_at, enabled=False)
+    claims.complete(c, Outcome(S.SUCCEEDED))
+    job.refresh_from_db()
+    assert job.deleted_at == deleted_at and not job.enabled and job.claim_token is None
+
+
+def expire_lease(job_id: int) -> None:
+    Job.objects.filter(pk=job_id).update(lease_expires_at=db_now() - timedelta(seconds=1))
+
+
+def test_an_expired_lease_is_recovered_as_lost_and_retried(make_job, picobot_config):
+    picobot_config("scheduler", max_retries=2, backoff_base_secs=1, backoff_max_secs=1)
+    job = make_job()
+    [c] = claim(worker="dead")
+    assert claims.recover_expired() == 0  # the lease is live
+    expire_lease(job.pk)
+    assert claims.recover_expired() == 1
+    execution = Execution.objects.get(pk=c.execution_id)
+    assert execution.status == S.LOST and "dead" in execution.error
+    job.refresh_from_db()
+    assert job.claim_token is None and job.pending_attempt == 2
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now())
+    [retry] = claim(worker="alive")
+    assert retry.scheduled_for == c.scheduled_for and retry.attempt == 2
+
+
+def test_an_expired_lease_with_a_cancel_request_is_recovered_as_cancelled(make_job):
+    job = make_job()
+    [c] = claim()
+    Execution.objects.filter(pk=c.execution_id).update(cancel_requested_at=db_now())
+    expire_lease(job.pk)
+    claims.recover_expired()
+    assert Execution.objects.get(pk=c.execution_id).status == S.CANCELLED
+
+
+def test_a_late_finisher_records_superseded_and_changes_nothing(make_job):
+    job = make_job()
+    [c] = claim(worker="slow")
+    expire_lease(job.pk)
+    claims.recover_expired()
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now())
+    [c2] = claim(worker="fast")
+    before = Job.objects.filter(pk=job.pk).values().get()
+    assert claims.complete(c, Outcome(S.SUCCEEDED, output="late")) == S.SUPERSEDED
+    assert Job.objects.filter(pk=job.pk).values().get() == before
+    slow = Execution.objects.get(pk=c.execution_id)
+    assert slow.status == S.SUPERSEDED and slow.output == "late"
+    assert Execution.objects.get(pk=c2.execution_id).status == S.RUNNING
+
+
+def test_a_renewal_fails_once_the_claim_is_lost(make_job):
+    job = make_job()
+    [c] = claim()
+    assert claims.renew_lease(c.job_id, c.token)
+    assert claims.holds_claim(c.job_id, c.token)
+    expire_lease(job.pk)
+    claims.recover_expired()
+    assert not claims.renew_lease(c.job_id, c.token)
+    assert not claims.holds_claim(c.job_id, c.token)
+
+
+def test_an_interrupted_run_is_released_due_now_with_a_new_attempt_number(make_job):
+    job = make_job()
+    due = job.next_run_at
+    [c] = claim()
+    claims.complete(c, Outcome(S.INTERRUPTED))
+    job.refresh_from_db()
+    assert job.claim_token is None and job.next_run_at == due
+    assert job.consecutive_failures == 0 and job.execution_count == 0
+    [again] = claim()
+    assert again.scheduled_for == c.scheduled_for and again.attempt == 2
+
+
+def test_cancel_requests_are_read_for_running_executions(make_job):
+    make_job()
+    make_job()
+    a, b = claim()
+    Execution.objects.filter(pk=b.execution_id).update(cancel_requested_at=db_now())
+    assert claims.cancel_requested([a.execution_id, b.execution_id]) == {b.execution_id}
+
+
+def test_next_wakeup_is_the_earliest_due_time_or_lease(make_job):
+    soon = db_now() + timedelta(seconds=30)
+    make_job(next_run_at=soon)
+    make_job(next_run_at=soon + timedelta(seconds=10))
+    assert claims.next_wakeup() == soon
+
+
+def test_retention_purges_old_executions_and_deleted_jobs(make_job, picobot_config):
+    picobot_config("scheduler", history_days=30)
+    old = db_now() - timedelta(days=31)
+    kept_job = make_job()
+    gone_job = make_job(deleted_at=old)
+    Execution.objects.create(job=kept_job, scheduled_for=old, status=S.SUCCEEDED, finished_at=old)
+    recent = Execution.objects.create(
+        job=kept_job, scheduled_for=db_now(), status=S.SUCCEEDED, finished_at=db_now()
+    )
+    assert claims.purge_history() == (1, 1)
+    assert list(Execution.objects.values_list("pk", flat=True)) == [recent.pk]
+    assert not Job.objects.filter(pk=gone_job.pk).exists()
+
+
+def test_a_claim_never_starts_an_attempt_that_already_started(make_job):
+    job = make_job(interval_secs=600)
+    due = job.next_run_at
+    Execution.objects.create(job=job, scheduled_for=due, attempt=1, status=S.SUCCEEDED)
+    assert claim() == []
+    job.refresh_from_db()
+    assert job.next_run_at == due + timedelta(seconds=600) and job.claim_token is None
+    assert Execution.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a\x00b", "ab"),
+        ("lone \ud800 surrogate", "lone \ufffd surrogate"),
+        ("emoji 🎉 and 中文", "emoji 🎉 and 中文"),
+    ],
+)
+def test_recorded_text_is_storable_whatever_unicode_it_holds(text, expected):
+    assert claims.clean_text(text, 100) == expected
+
+
+def test_recorded_text_is_bounded():
+    assert len(claims.clean_text("x" * 50, 10)) == 10
+
+
+def test_db_now_is_used_for_leases_not_the_host_clock(make_job):
+    make_job()
+    [c] = claim()
+    assert abs((c.started_at - datetime.now(UTC)).total_seconds()) < 60
