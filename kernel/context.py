@@ -184,7 +184,7 @@ class ToolContext:
         return bool(exact(required)) if exact is not None else False
 
 
-def _lenient_set(permissions: Iterable[object]) -> CapabilitySet:
+def lenient_capability_set(permissions: Iterable[object]) -> CapabilitySet:
     # A malformed stored entry narrows the set (it is skipped); it never widens it.
     parsed: list[Permission] = []
     for item in permissions:
@@ -203,7 +203,9 @@ class ScheduledRunCapabilities:
     """
 
     def __init__(self, snapshot: CapabilitySet | Iterable[object], owner: User | int) -> None:
-        self.snapshot = snapshot if isinstance(snapshot, CapabilitySet) else _lenient_set(snapshot)
+        self.snapshot = (
+            snapshot if isinstance(snapshot, CapabilitySet) else lenient_capability_set(snapshot)
+        )
         self.owner_id: int = owner if isinstance(owner, int) else owner.pk
 
     def current_grant(self) -> CapabilitySet:
@@ -213,7 +215,7 @@ class ScheduledRunCapabilities:
         if row is None or not row[1]:
             return CapabilitySet()
         grant = row[0] if isinstance(row[0], list) else []
-        return _lenient_set(grant)
+        return lenient_capability_set(grant)
 
     def allows(self, required: Permission) -> bool:
         return self.snapshot.allows(required) and self.current_grant().allows(required)

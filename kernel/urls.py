@@ -1,4 +1,4 @@
-"""REST routes of the kernel (chat arrives with its issue) and the other apps' routes."""
+"""REST routes of the kernel."""
 
 from __future__ import annotations
 
@@ -8,4 +8,5 @@ from kernel import views
 
 urlpatterns = [
     path("me", views.MeView.as_view(), name="me"),
+    path("chat", views.ChatView.as_view(), name="chat"),
 ]
