@@ -14,4 +14,5 @@ urlpatterns = [
         name="schema",
     ),
     path("api/v1/", include("kernel.urls")),
+    path("api/v1/", include("schedules.urls")),
 ]

@@ -1,0 +1,294 @@
+"""The schedules REST API: thin views over `schedules.lifecycle`.
+
+Checks run in DESIGN.md's order: 401 (authentication), 503 (scheduler disabled), 403 (the
+route's `schedule:<action>` is not in the caller's grant), 404 (not the caller's, or deleted:
+indistinguishable from missing), 400 (field-level reasons), 403 (capabilities beyond the grant,
+listed), 429 (quota, named). Requests are also throttled per API key (429).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.http import Http404
+from drf_spectacular.extensions import OpenApiSerializerExtension
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import exceptions, status
+from rest_framework.decorators import action
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.parsers import JSONParser
+from rest_framework.permissions import BasePermission, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.settings import api_settings
+from rest_framework.throttling import SimpleRateThrottle
+from rest_framework.viewsets import GenericViewSet
+
+from schedules import lifecycle
+from schedules.dbtime import db_now
+from schedules.models import Execution, Job, Origin
+from schedules.serializers import (
+    CapabilitiesDeniedSerializer,
+    ErrorSerializer,
+    ExecutionSerializer,
+    QuotaErrorSerializer,
+    ScheduleInputSerializer,
+    ScheduleSerializer,
+)
+
+MAX_PAGE_LIMIT = 100
+DEFAULT_THROTTLE_RATE = "300/minute"
+
+# The route's action -> the `schedule:<action>` permission it needs.
+ACTION_PERMISSIONS = {
+    "create": "create",
+    "list": "list",
+    "retrieve": "list",
+    "executions": "list",
+    "partial_update": "update",
+    "destroy": "delete",
+    "cancel": "cancel",
+}
+
+
+class SchedulerDisabled(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = (
+        "The scheduler is disabled. Set `enabled = true` under [scheduler] in picobot.toml."
+    )
+    default_code = "scheduler_disabled"
+
+
+class QuotaExceededError(exceptions.APIException):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_code = "quota_exceeded"
+
+
+class NoRunningExecution(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "No execution of this schedule is running."
+    default_code = "not_running"
+
+
+class SchedulerEnabled(BasePermission):
+    """503 while `[scheduler] enabled` is false (after authentication, before anything else)."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        if not settings.PICOBOT.scheduler.enabled:
+            raise SchedulerDisabled()
+        return True
+
+
+class HasScheduleAction(BasePermission):
+    """The caller's grant must allow the route's `schedule:<action>`."""
+
+    message = "Permission denied."
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        action_name = ACTION_PERMISSIONS.get(getattr(view, "action", None) or "")
+        if action_name is None:
+            return True  # an unsupported method: the handler answers 405
+        required = f"schedule:{action_name}"
+        if request.user.capability_set().allows(required):
+            return True
+        self.message = f"Your grant does not include {required}."
+        return False
+
+
+class ApiKeyThrottle(SimpleRateThrottle):
+    """Requests per API key; the rate is REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["api_key"]."""
+
+    scope = "api_key"
+
+    def get_rate(self) -> str:
+        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope) or DEFAULT_THROTTLE_RATE
+
+    def get_cache_key(self, request: Request, view: Any) -> str | None:
+        digest = getattr(request.auth, "digest", None)
+        if not digest:
+            return None
+        return self.cache_format % {"scope": self.scope, "ident": digest}
+
+
+class StrictJSONParser(JSONParser):
+    """JSON whose nesting is too deep for the parser is a 400, not a 500."""
+
+    def parse(self, stream: Any, media_type: Any = None, parser_context: Any = None) -> Any:
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise exceptions.ParseError("JSON parse error - nested too deeply") from None
+
+
+class Pagination(LimitOffsetPagination):
+    default_limit = 50
+    max_limit = MAX_PAGE_LIMIT
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.limit_query_param:
+                parameter["description"] = (
+                    f"Number of results to return (1 to {MAX_PAGE_LIMIT}, default "
+                    f"{self.default_limit}; larger values are capped)."
+                )
+        return parameters
+
+
+class _ClosedInputSchema(OpenApiSerializerExtension):
+    """The input serializer refuses unknown fields; say so in the schema."""
+
+    target_class = "schedules.serializers.ScheduleInputSerializer"
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        schema = auto_schema._map_basic_serializer(self.target, direction)
+        schema["additionalProperties"] = False
+        return schema
+
+
+_FIELD_ERRORS = {
+    "type": "object",
+    "description": "Field-level reasons: `{field: [reason, ...]}` "
+    "(`non_field_errors` for the body as a whole).",
+    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+}
+
+
+def _errors(*codes: int) -> dict[int, OpenApiResponse]:
+    known = {
+        400: OpenApiResponse(_FIELD_ERRORS, description="Invalid input."),
+        401: OpenApiResponse(ErrorSerializer, description="No valid API key."),
+        403: OpenApiResponse(
+            CapabilitiesDeniedSerializer,
+            description="The grant lacks the route's schedule:<action>, or (create, update) "
+            "the requested capabilities go beyond the grant; `missing` lists them.",
+        ),
+        404: OpenApiResponse(ErrorSerializer, description="No such schedule of yours."),
+        409: OpenApiResponse(ErrorSerializer, description="No execution is running."),
+        415: OpenApiResponse(ErrorSerializer, description="The body is not JSON."),
+        429: OpenApiResponse(
+            QuotaErrorSerializer,
+            description="A quota (named in `quota`) or the per-key request rate was exceeded.",
+        ),
+        503: OpenApiResponse(ErrorSerializer, description="The scheduler is disabled."),
+    }
+    return {code: known[code] for code in codes}
+
+
+_ALWAYS = (401, 403, 429, 503)
+
+
+@extend_schema_view(
+    create=extend_schema(
+        summary="Create a schedule",
+        request=ScheduleInputSerializer,
+        responses={201: ScheduleSerializer, **_errors(400, 415, *_ALWAYS)},
+    ),
+    list=extend_schema(
+        summary="List your schedules",
+        responses={200: ScheduleSerializer(many=True), **_errors(*_ALWAYS)},
+    ),
+    retrieve=extend_schema(
+        summary="Show a schedule",
+        responses={200: ScheduleSerializer, **_errors(404, *_ALWAYS)},
+    ),
+    partial_update=extend_schema(
+        summary="Change a schedule (affects the next run only)",
+        request=ScheduleInputSerializer,
+        responses={200: ScheduleSerializer, **_errors(400, 404, 415, *_ALWAYS)},
+    ),
+    destroy=extend_schema(
+        summary="Delete a schedule (cancels a running execution first)",
+        responses={204: None, **_errors(404, *_ALWAYS)},
+    ),
+    executions=extend_schema(
+        summary="A schedule's executions, newest first",
+        responses={200: ExecutionSerializer(many=True), **_errors(404, *_ALWAYS)},
+    ),
+    cancel=extend_schema(
+        summary="Cancel the running execution",
+        request=None,
+        responses={202: ExecutionSerializer, **_errors(404, 409, *_ALWAYS)},
+    ),
+)
+class ScheduleViewSet(GenericViewSet):
+    """The caller's schedules. Another user's schedule, or a deleted one, is a 404."""
+
+    serializer_class = ScheduleSerializer
+    permission_classes = [IsAuthenticated, SchedulerEnabled, HasScheduleAction]
+    throttle_classes = [ApiKeyThrottle]
+    parser_classes = [StrictJSONParser]
+    pagination_class = Pagination
+    metadata_class = None
+    http_method_names = ["get", "post", "patch", "delete"]
+    queryset = Job.objects.none()  # for the schema; get_queryset is what runs
+
+    def get_queryset(self) -> Any:
+        return lifecycle.jobs_of(self.request.user).order_by("-id")
+
+    def get_object(self) -> Job:
+        try:
+            return super().get_object()
+        except Http404:
+            raise exceptions.NotFound("Schedule not found.") from None
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        return {**super().get_serializer_context(), "now": db_now()}
+
+    def handle_exception(self, exc: Exception) -> Response:
+        return super().handle_exception(_api_exception(exc))
+
+    def create(self, request: Request) -> Response:
+        job = lifecycle.create_job(request.user, request.data, origin=Origin.API, now=db_now())
+        return Response(self.get_serializer(job).data, status=status.HTTP_201_CREATED)
+
+    def list(self, request: Request) -> Response:
+        page = self.paginate_queryset(self.get_queryset())
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+
+    def retrieve(self, request: Request, pk: str | None = None) -> Response:
+        return Response(self.get_serializer(self.get_object()).data)
+
+    def partial_update(self, request: Request, pk: str | None = None) -> Response:
+        job = self.get_object()
+        job = lifecycle.update_job(job, request.data, now=db_now())
+        return Response(self.get_serializer(job).data)
+
+    def destroy(self, request: Request, pk: str | None = None) -> Response:
+        lifecycle.soft_delete(self.get_object())
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @action(detail=True, methods=["get"], serializer_class=ExecutionSerializer)
+    def executions(self, request: Request, pk: str | None = None) -> Response:
+        job = self.get_object()
+        page = self.paginate_queryset(Execution.objects.filter(job=job).order_by("-id"))
+        return self.get_paginated_response(ExecutionSerializer(page, many=True).data)
+
+    @action(detail=True, methods=["post"], serializer_class=ExecutionSerializer)
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        execution = lifecycle.request_cancel(self.get_object())
+        if execution is None:
+            raise NoRunningExecution()
+        return Response(ExecutionSerializer(execution).data, status=status.HTTP_202_ACCEPTED)
+
+
+def _api_exception(exc: Exception) -> Exception:
+    """The lifecycle's refusals as the API's answers; other exceptions unchanged."""
+    if isinstance(exc, lifecycle.ScheduleInvalid):
+        return exceptions.ValidationError(exc.errors)
+    if isinstance(exc, lifecycle.CapabilitiesExceeded):
+        return exceptions.PermissionDenied(
+            {
+                "detail": "The requested capabilities go beyond your grant: "
+                + ", ".join(exc.missing),
+                "missing": exc.missing,
+            }
+        )
+    if isinstance(exc, lifecycle.QuotaExceeded):
+        return QuotaExceededError({"detail": exc.message, "quota": exc.quota})
+    if isinstance(exc, lifecycle.JobGone):
+        return exceptions.NotFound("Schedule not found.")
+    if isinstance(exc, exceptions.ParseError):
+        return exceptions.ValidationError({"non_field_errors": [str(exc.detail)]})
+    return exc
