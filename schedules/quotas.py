@@ -1,7 +1,7 @@
 """Per-user quotas, used by the REST API, the `schedule` tool and the claim.
 
 Limits come from `settings.PICOBOT.scheduler`; the system principal (owner of heartbeats) is
-exempt. Windows are rolling: (now - window_secs, now].
+exempt. Windows are rolling: [now - window_secs, now], as in the claim (`schedules/claims.py`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def jobs_held(owner: Any) -> int:
 
 def created_in_window(owner: Any, now: datetime) -> int:
     """Schedules created in the rolling window, deleted ones included."""
-    return Job.objects.filter(owner=owner, created_at__gt=_window_start(now)).count()
+    return Job.objects.filter(owner=owner, created_at__gte=_window_start(now)).count()
 
 
 def check_can_create(owner: Any, now: datetime) -> None:
@@ -66,7 +66,7 @@ def runs_in_window(owner_id: int, now: datetime) -> int:
     Skipped executions never ran and do not count; soft-deleted jobs' runs still do.
     """
     return (
-        Execution.objects.filter(job__owner_id=owner_id, started_at__gt=_window_start(now))
+        Execution.objects.filter(job__owner_id=owner_id, started_at__gte=_window_start(now))
         .exclude(status=ExecutionStatus.SKIPPED)
         .count()
     )
