@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import calendar
+import dataclasses
 import math
 import random
 import re
@@ -160,13 +161,23 @@ class CronPlan:
     dow_nth: frozenset[tuple[int, int]]  # (weekday, n): the nth such weekday of the month
     dow_last: frozenset[int]  # the last such weekday of the month
     day_and: bool  # Vixie cron: AND when either day field begins with `*`, else OR
+    # Matching days per (year, month), filled as months are looked at.
+    _days: dict[tuple[int, int], tuple[int, ...]] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     def days_in(self, year: int, month: int) -> tuple[int, ...]:
         """The matching days of a month."""
-        if month not in self.months:
-            return ()
-        first_wd, ndays = calendar.monthrange(year, month)
-        return _month_days(self, (first_wd + 1) % 7, ndays)
+        days = self._days.get((year, month))
+        if days is None:
+            if month in self.months:
+                first_wd, ndays = calendar.monthrange(year, month)
+                days = _month_days(self, (first_wd + 1) % 7, ndays)
+            else:
+                days = ()
+            if len(self._days) < 20_000:
+                self._days[(year, month)] = days
+        return days
 
     def min_gap_secs(self) -> int:
         """The smallest gap between consecutive fire times of a day, wrapping past midnight."""
@@ -176,7 +187,6 @@ class CronPlan:
         return min(gaps)
 
 
-@lru_cache(maxsize=65_536)
 def _month_days(plan: CronPlan, first_dow: int, ndays: int) -> tuple[int, ...]:
     days = []
     for day in range(1, ndays + 1):
