@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404
 from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
@@ -69,6 +70,12 @@ class NoRunningExecution(exceptions.APIException):
     status_code = status.HTTP_409_CONFLICT
     default_detail = "No execution of this schedule is running."
     default_code = "not_running"
+
+
+class BodyTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The request body is too large."
+    default_code = "too_large"
 
 
 class SchedulerEnabled(BasePermission):
@@ -166,6 +173,7 @@ def _errors(*codes: int) -> dict[int, OpenApiResponse]:
         ),
         404: OpenApiResponse(ErrorSerializer, description="No such schedule of yours."),
         409: OpenApiResponse(ErrorSerializer, description="No execution is running."),
+        413: OpenApiResponse(ErrorSerializer, description="The body is too large."),
         415: OpenApiResponse(ErrorSerializer, description="The body is not JSON."),
         429: OpenApiResponse(
             QuotaErrorSerializer,
@@ -183,7 +191,7 @@ _ALWAYS = (401, 403, 429, 503)
     create=extend_schema(
         summary="Create a schedule",
         request=ScheduleInputSerializer,
-        responses={201: ScheduleSerializer, **_errors(400, 415, *_ALWAYS)},
+        responses={201: ScheduleSerializer, **_errors(400, 413, 415, *_ALWAYS)},
     ),
     list=extend_schema(
         summary="List your schedules",
@@ -196,7 +204,7 @@ _ALWAYS = (401, 403, 429, 503)
     partial_update=extend_schema(
         summary="Change a schedule (affects the next run only)",
         request=ScheduleInputSerializer,
-        responses={200: ScheduleSerializer, **_errors(400, 404, 415, *_ALWAYS)},
+        responses={200: ScheduleSerializer, **_errors(400, 404, 413, 415, *_ALWAYS)},
     ),
     destroy=extend_schema(
         summary="Delete a schedule (cancels a running execution first)",
@@ -289,6 +297,10 @@ def _api_exception(exc: Exception) -> Exception:
         return QuotaExceededError({"detail": exc.message, "quota": exc.quota})
     if isinstance(exc, lifecycle.JobGone):
         return exceptions.NotFound("Schedule not found.")
+    if isinstance(exc, RequestDataTooBig):
+        return BodyTooLarge(
+            f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes."
+        )
     if isinstance(exc, exceptions.ParseError):
         return exceptions.ValidationError({"non_field_errors": [str(exc.detail)]})
     return exc

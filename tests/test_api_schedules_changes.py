@@ -1,0 +1,230 @@
+"""PATCH affects the next run only; DELETE and cancel against a running execution."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils.dateparse import parse_datetime
+
+from schedules import lifecycle
+from schedules.claims import Outcome, claim_due, complete
+from schedules.dbtime import db_now
+from schedules.models import Execution, ExecutionStatus, Job
+from tests.api_schedules_support import URL, cron_body, detail, interval_body, once_body, start_run
+
+pytestmark = pytest.mark.django_db
+S = ExecutionStatus
+
+
+@pytest.fixture
+def alice(make_user):
+    return make_user("alice", grant=["schedule:*", "net:*.example.com", "shell:ls,cat"])
+
+
+@pytest.fixture
+def client(alice, api_client_for):
+    return api_client_for(alice)
+
+
+def create(client, body) -> Job:
+    response = client.post(URL, body, format="json")
+    assert response.status_code == 201, response.json()
+    return Job.objects.get(pk=response.json()["id"])
+
+
+def test_a_patch_of_the_prompt_leaves_the_running_execution_as_it_started(client) -> None:
+    job = create(client, interval_body(prompt="old", capabilities=["shell:ls"]))
+    claim = start_run(job.pk)
+    response = client.patch(
+        detail(job.pk), {"prompt": "new", "capabilities": ["net:api.example.com"]}, format="json"
+    )
+    assert response.status_code == 200
+    execution = Execution.objects.get(pk=claim.execution_id)
+    assert execution.prompt == "old" and execution.capabilities == ["shell:ls"]
+    assert execution.status == S.RUNNING
+    job.refresh_from_db()
+    assert job.prompt == "new" and job.capabilities == ["net:api.example.com"]
+    assert job.schedule_version == 2
+    # The old run ends; the next claim runs the new prompt with the new capabilities.
+    complete(claim, Outcome(S.SUCCEEDED, output="done"))
+    job.refresh_from_db()
+    assert job.next_run_at == claim.scheduled_for + timedelta(seconds=3600)
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now() - timedelta(seconds=1))
+    [following] = claim_due("w2", 10).claims
+    assert following.prompt == "new" and following.capabilities == ["net:api.example.com"]
+    assert following.scheduled_for > claim.scheduled_for
+
+
+def test_changing_what_runs_bumps_the_version_resets_failures_and_drops_a_retry(client) -> None:
+    job = create(client, interval_body())
+    retry_for = db_now() - timedelta(minutes=5)
+    Job.objects.filter(pk=job.pk).update(
+        consecutive_failures=4,
+        pending_scheduled_for=retry_for,
+        pending_attempt=2,
+        next_run_at=db_now() + timedelta(seconds=30),
+    )
+    client.patch(detail(job.pk), {"prompt": "fixed prompt"}, format="json")
+    job.refresh_from_db()
+    assert job.schedule_version == 2
+    assert job.consecutive_failures == 0
+    assert job.pending_scheduled_for is None and job.pending_attempt == 1
+    assert job.next_run_at == retry_for + timedelta(seconds=3600)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"name": "renamed"}, {"timeout_secs": 60}, {"notify_on": ["failure"]}, {"misfire": "skip"}],
+)
+def test_other_changes_do_not_bump_the_version(client, changes) -> None:
+    job = create(client, interval_body())
+    Job.objects.filter(pk=job.pk).update(consecutive_failures=2)
+    before = Job.objects.get(pk=job.pk)
+    assert client.patch(detail(job.pk), changes, format="json").status_code == 200
+    job.refresh_from_db()
+    assert job.schedule_version == 1 and job.consecutive_failures == 2
+    assert job.next_run_at == before.next_run_at
+    for field, value in changes.items():
+        assert getattr(job, field) == value
+
+
+def test_a_patch_that_repeats_the_current_values_changes_nothing(client) -> None:
+    job = create(client, cron_body(capabilities=["shell:ls"]))
+    same = {"prompt": job.prompt, "cron": job.cron, "capabilities": ["shell:ls"]}
+    assert client.patch(detail(job.pk), same, format="json").status_code == 200
+    assert Job.objects.get(pk=job.pk).schedule_version == 1
+
+
+def test_a_schedule_change_recomputes_the_next_run(client) -> None:
+    job = create(client, cron_body(cron="0 9 * * *", timezone="UTC"))
+    response = client.patch(detail(job.pk), {"cron": "15 21 * * *"}, format="json").json()
+    next_run = parse_datetime(response["next_run_at"])
+    assert (next_run.hour, next_run.minute) == (21, 15)
+    assert next_run > db_now()
+    assert Job.objects.get(pk=job.pk).schedule_version == 2
+
+
+def test_a_change_of_type_does_not_carry_the_old_types_fields(client) -> None:
+    job = create(client, cron_body())
+    response = client.patch(
+        detail(job.pk), {"schedule_type": "interval", "interval_secs": 900}, format="json"
+    )
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["cron"] == "" and body["interval_secs"] == 900
+    assert body["timezone"] == "Europe/London"
+
+
+def test_an_interval_whose_first_run_passed_can_still_change_its_interval(client) -> None:
+    job = create(client, interval_body(run_at=(db_now() + timedelta(hours=1)).isoformat()))
+    Job.objects.filter(pk=job.pk).update(run_at=db_now() - timedelta(hours=1))
+    response = client.patch(detail(job.pk), {"interval_secs": 7200}, format="json")
+    assert response.status_code == 200, response.json()
+    assert parse_datetime(response.json()["next_run_at"]) > db_now() + timedelta(seconds=7000)
+
+
+def test_re_enabling_computes_the_next_run_from_now(client) -> None:
+    job = create(client, interval_body(interval_secs=600))
+    client.patch(detail(job.pk), {"enabled": False}, format="json")
+    Job.objects.filter(pk=job.pk).update(
+        next_run_at=db_now() - timedelta(days=3), consecutive_failures=10
+    )
+    body = client.patch(detail(job.pk), {"enabled": True}, format="json").json()
+    next_run = parse_datetime(body["next_run_at"])
+    assert db_now() < next_run <= db_now() + timedelta(seconds=600)
+    assert body["consecutive_failures"] == 0 and body["enabled"] is True
+
+
+def test_a_disabled_schedule_previews_no_runs(client) -> None:
+    job = create(client, cron_body())
+    body = client.patch(detail(job.pk), {"enabled": False}, format="json").json()
+    assert body["next_runs"] == []
+
+
+def test_a_once_schedule_whose_time_passed_cannot_be_re_enabled(client) -> None:
+    job = create(client, once_body())
+    Job.objects.filter(pk=job.pk).update(
+        enabled=False, run_at=db_now() - timedelta(minutes=1), next_run_at=None
+    )
+    response = client.patch(detail(job.pk), {"enabled": True}, format="json")
+    assert response.status_code == 400
+    assert "enabled" in response.json()
+    assert Job.objects.get(pk=job.pk).enabled is False
+    later = (db_now() + timedelta(hours=3)).isoformat()
+    response = client.patch(detail(job.pk), {"enabled": True, "run_at": later}, format="json")
+    assert response.status_code == 200 and response.json()["enabled"] is True
+
+
+def test_an_update_never_undoes_a_workers_write_made_meanwhile(alice, client) -> None:
+    job = create(client, interval_body())
+    stale = Job.objects.get(pk=job.pk)
+    Job.objects.filter(pk=job.pk).update(execution_count=7, last_run_at=db_now(), last_error="boom")
+    lifecycle.update_job(stale, {"name": "renamed", "prompt": "new"})
+    job.refresh_from_db()
+    assert (job.name, job.prompt) == ("renamed", "new")
+    assert job.execution_count == 7 and job.last_error == "boom" and job.last_run_at
+
+
+def test_a_worker_finishing_an_old_version_does_not_overwrite_the_new_next_run(client) -> None:
+    job = create(client, cron_body(cron="0 9 * * *", timezone="UTC"))
+    claim = start_run(job.pk)
+    new = client.patch(detail(job.pk), {"cron": "30 17 * * *"}, format="json").json()
+    complete(claim, Outcome(S.SUCCEEDED, output="ok"))
+    job.refresh_from_db()
+    assert job.next_run_at == parse_datetime(new["next_run_at"])
+    assert (job.next_run_at.hour, job.next_run_at.minute) == (17, 30)
+
+
+def test_delete_cancels_the_running_execution_then_deletes(client) -> None:
+    job = create(client, interval_body())
+    claim = start_run(job.pk)
+    assert client.delete(detail(job.pk)).status_code == 204
+    execution = Execution.objects.get(pk=claim.execution_id)
+    assert execution.cancel_requested_at is not None
+    job.refresh_from_db()
+    assert job.deleted_at is not None
+    # The worker sees the request and finishes the run as cancelled; the job stays deleted.
+    assert complete(claim, Outcome(S.CANCELLED, error="cancelled")) == S.CANCELLED
+    job.refresh_from_db()
+    assert job.deleted_at is not None
+    assert Execution.objects.get(pk=claim.execution_id).status == S.CANCELLED
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now() - timedelta(seconds=1))
+    assert claim_due("w3", 10).claims == []
+
+
+def test_a_run_completing_just_before_the_delete_leaves_it_deleted(client) -> None:
+    job = create(client, interval_body())
+    claim = start_run(job.pk)
+    stale = Job.objects.get(pk=job.pk)
+    complete(claim, Outcome(S.SUCCEEDED, output="done"))
+    assert lifecycle.soft_delete(stale) is True
+    assert Execution.objects.get(pk=claim.execution_id).cancel_requested_at is None
+    assert Job.objects.get(pk=job.pk).deleted_at is not None
+    assert lifecycle.soft_delete(stale) is False
+
+
+def test_cancel_after_the_run_finished_is_a_409(client) -> None:
+    job = create(client, interval_body())
+    claim = start_run(job.pk)
+    complete(claim, Outcome(S.SUCCEEDED, output="done"))
+    assert client.post(f"{detail(job.pk)}/cancel").status_code == 409
+    assert lifecycle.request_cancel(job) is None
+
+
+def test_lifecycle_refusals_carry_what_the_tool_needs(alice) -> None:
+    with pytest.raises(lifecycle.ScheduleInvalid) as invalid:
+        lifecycle.create_job(alice, {"prompt": "", "schedule_type": "interval"}, origin="tool")
+    assert "prompt" in invalid.value.errors
+    from kernel.permissions import CapabilitySet
+
+    with pytest.raises(lifecycle.CapabilitiesExceeded) as exceeded:
+        lifecycle.create_job(
+            alice,
+            interval_body(capabilities=["shell:ls", "net:api.example.com"]),
+            origin="tool",
+            ceiling=CapabilitySet(["shell:ls"]),
+        )
+    assert exceeded.value.missing == ["net:api.example.com"]
+    job = lifecycle.create_job(alice, interval_body(), origin="tool")
+    assert job.origin == "tool" and list(lifecycle.jobs_of(alice)) == [job]
