@@ -638,13 +638,23 @@ def next_after(spec: ScheduleSpec, scheduled_for: datetime) -> datetime | None:
 
 
 def first_run(spec: ScheduleSpec, created_at: datetime) -> datetime | None:
-    """The first occurrence of a schedule created (or re-enabled) at `created_at`."""
+    """The first occurrence of a schedule created (or re-enabled) at `created_at`.
+
+    once: `run_at` (even if passed: the caller decides); interval: `run_at` when given, else
+    `created_at + interval` (a `run_at` already passed continues its cadence after
+    `created_at`); cron: the first match strictly after `created_at`.
+    """
     if spec.schedule_type == ONCE:
         return None if spec.run_at is None else spec.run_at.astimezone(UTC)
     if spec.schedule_type == INTERVAL:
-        if spec.run_at is not None:
-            return spec.run_at.astimezone(UTC)
-        return next_after(spec, created_at)
+        if spec.run_at is None:
+            return next_after(spec, created_at)
+        anchor = spec.run_at.astimezone(UTC)
+        if anchor > created_at or not spec.interval_secs:
+            return anchor
+        # Re-enabled after its first run time: keep the cadence from run_at.
+        step = timedelta(seconds=spec.interval_secs)
+        return anchor + step * ((created_at - anchor) // step + 1)
     return next_after(spec, created_at)
 
 
@@ -681,12 +691,7 @@ def preview(
 
 def _first_preview(spec: ScheduleSpec, after: datetime) -> datetime | None:
     first = first_run(spec, after)
-    if first is None or first > after:
-        return first
-    if spec.schedule_type == INTERVAL and spec.interval_secs:
-        step = timedelta(seconds=spec.interval_secs)
-        return first + step * ((after - first) // step + 1)
-    return None
+    return first if first is not None and first > after else None
 
 
 # --- misfires -----------------------------------------------------------------------------------

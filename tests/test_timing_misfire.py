@@ -12,6 +12,7 @@ from schedules.timing import (
     DuePlan,
     ScheduleSpec,
     count_between,
+    first_run,
     next_after,
     plan_due,
     preview,
@@ -209,3 +210,10 @@ def test_preview_of_a_once_schedule_shows_it_until_it_passes() -> None:
     spec = validate_spec(schedule_type="once", run_at=at(10), now=NOW, min_interval_secs=60)
     assert [utc for _, utc in preview(spec, 5, NOW)] == [at(10)]
     assert preview(spec, 5, at(11)) == []
+
+
+def test_re_enabling_an_interval_whose_start_has_passed_keeps_its_cadence() -> None:
+    spec = ScheduleSpec("interval", at(10), 3600, "", "UTC")
+    assert first_run(spec, at(12, 30)) == at(13)
+    assert first_run(spec, at(13)) == at(14)
+    assert first_run(spec, at(9)) == at(10)

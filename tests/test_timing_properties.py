@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from zoneinfo import ZoneInfo, available_timezones
@@ -202,3 +203,31 @@ def test_next_after_any_instant_is_the_oracles_next(
     expected = oracle(spec, probe, start + WINDOW + timedelta(hours=2))
     assume(expected)
     assert next_after(spec, probe) == expected[0]
+
+
+PLAIN_DAYS = st.sampled_from(["*", "1", "1,15", "1-7", "13", "28-31", "L"])
+PLAIN_DOW = st.sampled_from(["*", "1-5", "0", "6,0", "1#2", "mon-fri"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(
+    st.tuples(number_field(0, 59), number_field(0, 23), PLAIN_DAYS, MONTH, PLAIN_DOW).map(" ".join),
+    STARTS,
+)
+def test_day_and_time_matching_agrees_with_croniter_in_utc(expr: str, start: datetime) -> None:
+    # Only forms where croniter and Vixie cron agree on AND/OR of the two day fields: croniter
+    # ANDs a restricted day of month with `#`, cron's rule (both restricted: OR) does not.
+    from croniter import croniter
+
+    _, _, dom, _, dow = expr.split()
+    assume(not ("#" in dow and dom != "*"))
+    # croniter reads a one-value range such as `0-0` as `*`.
+    assume(not re.search(r"(?<![0-9])([0-9]+)-\1(?![0-9])", expr))
+    spec = spec_or_reject(expr, "UTC")
+    theirs = croniter(expr, start.replace(tzinfo=None))
+    when = start
+    for _ in range(30):
+        mine = next_after(spec, when)
+        expected = theirs.get_next(datetime).replace(tzinfo=UTC)
+        assert mine == expected
+        when = mine
