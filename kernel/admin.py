@@ -11,7 +11,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from kernel.forms import PermissionListField
-from kernel.models import ApiKey, User
+from kernel.models import ApiKey, ChatSession, ToolCall, User
 from kernel.permissions import CapabilitySet, interpreters_in
 
 GRANT_HELP = (
@@ -124,3 +124,45 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Audit data: shown, never edited from the console."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(ToolCall)
+class ToolCallAdmin(ReadOnlyAdmin):
+    list_display = (
+        "created_at",
+        "tool",
+        "decision",
+        "missing_permission",
+        "user",
+        "execution_id",
+        "session_id",
+        "duration_ms",
+    )
+    list_filter = ("decision", "tool")
+    search_fields = ("user__username", "tool", "missing_permission")
+    list_select_related = ("user",)
+    date_hierarchy = "created_at"
+
+
+@admin.register(ChatSession)
+class ChatSessionAdmin(ReadOnlyAdmin):
+    list_display = ("id", "owner", "created_at", "updated_at", "capability_summary")
+    search_fields = ("owner__username",)
+    list_select_related = ("owner",)
+
+    @admin.display(description="capabilities")
+    def capability_summary(self, obj: ChatSession) -> str:
+        return ", ".join(obj.capabilities) or "—"

@@ -243,3 +243,27 @@ def test_the_model_server_records_what_it_received(model_server) -> None:
     assert body["choices"][0]["message"]["content"] == "x"
     assert body["usage"]["total_tokens"] == 15
     assert model_server.requests == [{"model": "m", "messages": []}]
+
+
+def test_the_model_server_answers_many_concurrent_requests_with_a_default_reply() -> None:
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kernel.testing.model_server import ScriptedModelServer
+
+    def ask(base_url: str) -> str:
+        request = urllib.request.Request(
+            f"{base_url}/chat/completions",
+            data=json.dumps(
+                {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["choices"][0]["message"]["content"]
+
+    with ScriptedModelServer(default={"content": "NOTHING_TO_REPORT"}) as server:
+        with ThreadPoolExecutor(max_workers=100) as pool:
+            answers = list(pool.map(ask, [server.base_url] * 1000))
+    assert answers == ["NOTHING_TO_REPORT"] * 1000
+    assert len(server.requests) == 1000

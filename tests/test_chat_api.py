@@ -196,3 +196,17 @@ def test_the_chat_route_is_in_the_openapi_schema() -> None:
     assert {"200", "400", "403", "404", "503"} <= set(operation["responses"])
     request_schema = schema["components"]["schemas"]["ChatRequestRequest"]
     assert set(request_schema["properties"]) == {"message", "session_id", "capabilities"}
+
+
+def test_the_admin_lists_tool_calls_and_chat_sessions(
+    model_server, make_user, api_client_for, client
+) -> None:
+    model_server.add({"tool_calls": [{"name": "shell", "arguments": {"command": "ls"}}]})
+    model_server.add({"content": "no"})
+    post(api_client_for(make_user()), message="hi")
+    admin_user = User.objects.create_superuser("boss", "boss@example.com", "pw-for-tests")
+    client.force_login(admin_user)
+    for url in ("/admin/kernel/toolcall/", "/admin/kernel/chatsession/"):
+        response = client.get(url)
+        assert response.status_code == 200, url
+    assert b"shell:ls" in client.get("/admin/kernel/toolcall/").content
