@@ -231,6 +231,8 @@ class ScheduleViewSet(GenericViewSet):
     metadata_class = None
     http_method_names = ["get", "post", "patch", "delete"]
     queryset = Job.objects.none()  # for the schema; get_queryset is what runs
+    # Any path segment reaches the view, so a malformed id is the same JSON 404 as a missing one.
+    lookup_value_regex = "[^/]+"
 
     def get_queryset(self) -> Any:
         return lifecycle.jobs_of(self.request.user).order_by("-id")
@@ -240,9 +242,6 @@ class ScheduleViewSet(GenericViewSet):
             return super().get_object()
         except Http404:
             raise exceptions.NotFound("Schedule not found.") from None
-
-    def get_serializer_context(self) -> dict[str, Any]:
-        return {**super().get_serializer_context(), "now": db_now()}
 
     def handle_exception(self, exc: Exception) -> Response:
         return super().handle_exception(_api_exception(exc))

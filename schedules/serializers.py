@@ -344,7 +344,7 @@ class NextRunSerializer(serializers.Serializer):
 
 
 class ScheduleSerializer(serializers.ModelSerializer):
-    """A schedule as the API shows it. Needs `context["now"]` (the database's clock)."""
+    """A schedule as the API shows it, with its next fire times and a readable cron."""
 
     capabilities = serializers.ListField(child=serializers.CharField())
     notify_on = serializers.ListField(child=serializers.ChoiceField(choices=NOTIFY_ON_CHOICES))
