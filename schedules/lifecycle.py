@@ -20,6 +20,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
+from kernel.context import Capabilities
 from kernel.models import User
 from kernel.permissions import CapabilitySet
 from schedules.dbtime import db_now
@@ -31,7 +32,6 @@ from schedules.timing import (
     ScheduleSpec,
     first_run,
     next_after,
-    preview,
     spec_of,
     validate_spec,
 )
@@ -41,6 +41,7 @@ __all__ = [
     "JobGone",
     "QuotaExceeded",
     "ScheduleInvalid",
+    "check_create",
     "create_job",
     "jobs_of",
     "request_cancel",
@@ -89,13 +90,21 @@ def validate_input(data: object, *, partial: bool) -> dict[str, Any]:
 
 
 def _check_capabilities(
-    owner: User, requested: Iterable[str], ceiling: CapabilitySet | None
+    owner: User, requested: Iterable[str], ceiling: CapabilitySet | Capabilities | None
 ) -> None:
-    """Refuse capabilities beyond the owner's current grant (and `ceiling`, when given)."""
+    """Refuse capabilities beyond the owner's current grant (and `ceiling`, when given).
+
+    `ceiling` is anything with `allows(Permission)`: a CapabilitySet, or a run's capabilities
+    (a chat session's: its fixed set and the owner's current grant).
+    """
     requested = list(requested)
     missing = [p.text for p in owner.capability_set().missing(requested)]
     if ceiling is not None:
-        missing += [p.text for p in ceiling.missing(requested) if p.text not in missing]
+        missing += [
+            p.text
+            for p in CapabilitySet(requested)
+            if not ceiling.allows(p) and p.text not in missing
+        ]
     if missing:
         raise CapabilitiesExceeded(missing)
 
@@ -134,13 +143,32 @@ def default_name(prompt: str) -> str:
     return first_line
 
 
+def check_create(
+    owner: User,
+    data: object,
+    *,
+    now: datetime,
+    ceiling: CapabilitySet | Capabilities | None = None,
+) -> tuple[dict[str, Any], ScheduleSpec]:
+    """The checks `create_job` makes before its quota check, without creating anything.
+
+    Returns the validated values and the normalised schedule (for a caller that looks for an
+    existing equivalent schedule first, as the `schedule` tool does). Raises ScheduleInvalid or
+    CapabilitiesExceeded, as `create_job` would.
+    """
+    values = validate_input(data, partial=False)
+    spec = _spec(values, now)
+    _check_capabilities(owner, values.get("capabilities", []), ceiling)
+    return values, spec
+
+
 def create_job(
     owner: User,
     data: object,
     *,
     origin: str = Origin.API,
     now: datetime | None = None,
-    ceiling: CapabilitySet | None = None,
+    ceiling: CapabilitySet | Capabilities | None = None,
 ) -> Job:
     """Validate `data` (a create body) and create the owner's job.
 
@@ -180,7 +208,7 @@ def update_job(
     changes: object,
     *,
     now: datetime | None = None,
-    ceiling: CapabilitySet | None = None,
+    ceiling: CapabilitySet | Capabilities | None = None,
 ) -> Job:
     """Validate `changes` (a PATCH body) and apply them to `job`; returns the job as stored.
 
@@ -279,8 +307,7 @@ def _next_run_on_re_enable(job: Job, spec: ScheduleSpec, now: datetime) -> datet
                 {"enabled": ["This once schedule's time has passed; give a new run_at."]}
             )
         return job.run_at
-    upcoming = preview(spec, 1, now)
-    return upcoming[0][1] if upcoming else None
+    return first_run(spec, now)
 
 
 def request_cancel(job: Job) -> Execution | None:
