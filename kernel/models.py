@@ -131,6 +131,8 @@ class ApiKey(models.Model):
     def touch(self) -> bool:
         """Record use, at most once a minute (a conditional update, so no write storm)."""
         cutoff = timezone.now() - LAST_USED_RESOLUTION
+        if self.last_used_at is not None and self.last_used_at >= cutoff:
+            return False  # the row we just read is recent enough: no query at all
         updated = (
             ApiKey.objects.filter(pk=self.pk)
             .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=cutoff))
