@@ -127,6 +127,10 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
         chosen = _choose(now, cutoff, limit, result)
         if not chosen:
             return result
+        # Read the clock again after counting: a run that finished unseen by the count (it
+        # committed before the count's snapshot) then has finished_at < our started_at, so the
+        # recorded intervals show the limits exactly as they were enforced.
+        now = db_now()
         claimed_ids = _claim_rows(chosen, worker_id, now, cutoff)
         lease = timedelta(seconds=settings.PICOBOT.scheduler.lease_secs)
         for job in Job.objects.filter(id__in=claimed_ids).order_by("next_run_at", "id"):
@@ -366,6 +370,13 @@ def cancel_requested(execution_ids: list[int]) -> set[int]:
             id__in=execution_ids, cancel_requested_at__isnull=False
         ).values_list("id", flat=True)
     )
+
+
+def anything_due(due_before: datetime | None = None) -> bool:
+    """A read-only check, so an idle worker never takes the claim lock for nothing."""
+    now = db_now()
+    cutoff = now if due_before is None else min(now, due_before)
+    return _due(cutoff).exists()
 
 
 def next_wakeup() -> datetime | None:

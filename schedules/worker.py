@@ -152,7 +152,7 @@ class Worker:
     def handle_one_claim(self, *, due_before: datetime | None = None) -> bool:
         """Claim due occurrences into the free slots; True if the claim did anything."""
         free = self.concurrency - self.running_count()
-        if free <= 0 or self.stopping:
+        if free <= 0 or self.stopping or not claims.anything_due(due_before):
             return False
         result = claims.claim_due(self.worker_id, free, due_before=due_before)
         for claim in result.claims:
@@ -315,6 +315,13 @@ class Worker:
 
     def drain(self) -> None:
         """Let running executions finish within the grace period, then interrupt the rest."""
+        if self.running_count():
+            logger.info(
+                "worker %s stopping: waiting up to %ss for %s running executions",
+                self.worker_id,
+                self.grace_secs,
+                self.running_count(),
+            )
         deadline = time.monotonic() + self.grace_secs
         while self.running_count() and time.monotonic() < deadline:
             self._waker.sleep(min(0.5, deadline - time.monotonic()))

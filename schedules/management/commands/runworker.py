@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 from typing import Any
 
@@ -56,6 +58,8 @@ class Command(BaseCommand):
             raise CommandError("--concurrency must be at least 1")
         if options["grace_secs"] < 0:
             raise CommandError("--grace-secs must be 0 or more")
+        # Operators (and tests) can see what every thread is doing: kill -USR1 <pid>.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         if "loadheartbeats" in get_commands():
             call_command("loadheartbeats")
         if options["metrics_port"] is not None:
