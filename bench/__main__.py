@@ -1,0 +1,89 @@
+"""`make bench`: claims per second and lag from due to start, 1 and 4 workers, both databases.
+
+Each scenario runs in its own process (`bench.scenario`) against its own database
+(picobot_bench), and the results are written to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_SERVER = os.environ.get("PICOBOT_BENCH_POSTGRES", "postgres://postgres@127.0.0.1:5432")
+
+
+def postgres_url() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(
+            f"{POSTGRES_SERVER}/postgres", autocommit=True, connect_timeout=3
+        ) as c:
+            if not c.execute(
+                "SELECT 1 FROM pg_database WHERE datname = 'picobot_bench'"
+            ).fetchone():
+                c.execute("CREATE DATABASE picobot_bench")
+    except Exception as exc:
+        print(f"PostgreSQL unreachable ({exc}); benchmarking SQLite only", file=sys.stderr)
+        return None
+    return f"{POSTGRES_SERVER}/picobot_bench"
+
+
+def scenario(url: str, workers: int) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.scenario", url, str(workers)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        databases = [("SQLite", f"sqlite:///{tmp}/picobot_bench.sqlite3")]
+        pg = postgres_url()
+        if pg:
+            databases.append(("PostgreSQL", pg))
+        rows = []
+        for name, url in databases:
+            for workers in (1, 4):
+                result = scenario(url, workers)
+                print(name, result, flush=True)
+                rows.append((name, result))
+    lines = [
+        "# Benchmarks",
+        "",
+        "Measured with `make bench` (`.venv/bin/python -m bench`), on "
+        f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}. The model is the scripted local server "
+        "answering at once, so these numbers are the scheduler's own overhead.",
+        "",
+        "- **claims/s**: 600 once jobs of 20 users all due at once; executions started per "
+        "second (first to last claim). `max_concurrent = 16`, 16 execution slots in total "
+        "(`--concurrency 16` for one worker, 4 each for four).",
+        "- **lag**: 150 once jobs coming due evenly over 15 s (well under capacity); started_at minus "
+        "scheduled_for (database clock), `tick_secs = 1`.",
+        "",
+        "| database | workers | claims/s | lag p50 (ms) | lag p99 (ms) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in rows:
+        lines.append(
+            f"| {name} | {r['workers']} | {r['claims_per_sec']} | {r['lag_p50_ms']} "
+            f"| {r['lag_p99_ms']} |"
+        )
+    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
+    print("wrote docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()

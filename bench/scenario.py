@@ -1,0 +1,166 @@
+"""One benchmark scenario in its own process (Django configured for one database).
+
+    python -m bench.scenario DATABASE_URL WORKERS
+prints one JSON line: claims per second over a burst of due jobs, and the lag from due to start
+(p50/p99) for jobs that come due over time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+USERS = 20
+BURST_JOBS = 600
+STEADY_JOBS = 150
+STEADY_SPREAD_SECS = 15.0
+CONFIG = """[scheduler]
+enabled = true
+tick_secs = 1
+lease_secs = 60
+max_concurrent = 16
+max_concurrent_per_user = 16
+max_runs_per_window = 1000000
+"""
+
+
+def setup(url: str, config_path: str) -> None:
+    os.environ["DATABASE_URL"] = url
+    os.environ["PICOBOT_CONFIG"] = config_path
+    os.environ["DJANGO_SETTINGS_MODULE"] = "picobot_site.settings"
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def reset() -> list[Any]:
+    from kernel.models import User
+    from schedules.models import Execution, Job
+
+    Execution.objects.all().delete()
+    Job.objects.all().delete()
+    User.objects.filter(username__startswith="bench-").delete()
+    return [User.objects.create(username=f"bench-{i}") for i in range(USERS)]
+
+
+def add_jobs(users: list[Any], count: int, first_due: Any, spread_secs: float) -> None:
+    from schedules.models import Job
+
+    Job.objects.bulk_create(
+        Job(
+            owner=users[i % len(users)],
+            name=f"bench {i}",
+            prompt="p",
+            schedule_type="once",
+            run_at=first_due,
+            next_run_at=first_due + timedelta(seconds=spread_secs * i / count),
+        )
+        for i in range(count)
+    )
+
+
+def run_workers(env: dict[str, str], workers: int, expected: int, timeout: float) -> None:
+    from schedules.models import Execution, ExecutionStatus
+
+    concurrency = str(max(1, 16 // workers))
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "manage.py",
+                "runworker",
+                "--concurrency",
+                concurrency,
+                "--worker-id",
+                f"bench{i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(workers)
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            done = Execution.objects.exclude(status=ExecutionStatus.RUNNING).count()
+            if done >= expected:
+                break
+            time.sleep(0.5)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=60)
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    index = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[index]
+
+
+def main() -> None:
+    url, workers = sys.argv[1], int(sys.argv[2])
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "picobot.toml"
+        config.write_text(CONFIG)
+        setup(url, str(config))
+        from kernel.testing.model_server import ScriptedModelServer
+        from schedules.dbtime import db_now
+        from schedules.models import Execution
+
+        server = ScriptedModelServer(default={"content": "ok"}).start()
+        env = {
+            **os.environ,
+            "PICOBOT_MODEL_BASE_URL": server.base_url,
+            "PICOBOT_MODEL": "bench-model",
+            "PICOBOT_LOG_LEVEL": "WARNING",
+        }
+        # Burst: everything due at once; how fast do the workers claim it?
+        users = reset()
+        add_jobs(users, BURST_JOBS, db_now() - timedelta(seconds=1), 0)
+        run_workers(env, workers, BURST_JOBS, 600)
+        starts = sorted(Execution.objects.values_list("started_at", flat=True))
+        span = (starts[-1] - starts[0]).total_seconds()
+        claims_per_sec = (len(starts) - 1) / span if span > 0 else float("nan")
+        # Steady: jobs come due over time; how late does each start?
+        users = reset()
+        add_jobs(users, STEADY_JOBS, db_now() + timedelta(seconds=3), STEADY_SPREAD_SECS)
+        run_workers(env, workers, STEADY_JOBS, 600)
+        lags = [
+            (started - scheduled).total_seconds()
+            for started, scheduled in Execution.objects.values_list("started_at", "scheduled_for")
+        ]
+        server.stop()
+        reset()
+    print(
+        json.dumps(
+            {
+                "workers": workers,
+                "burst_jobs": BURST_JOBS,
+                "claims_per_sec": round(claims_per_sec, 1),
+                "steady_jobs": len(lags),
+                "lag_p50_ms": round(statistics.median(lags) * 1000),
+                "lag_p99_ms": round(percentile(lags, 0.99) * 1000),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
