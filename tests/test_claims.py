@@ -214,7 +214,8 @@ def test_a_failure_is_retried_with_backoff_before_the_next_occurrence(make_job, 
 
 
 def test_a_retry_that_would_reach_the_next_occurrence_is_given_up(make_job, picobot_config):
-    picobot_config("scheduler", max_retries=3, backoff_base_secs=100, backoff_max_secs=3600)
+    # Equal jitter: the delay is at least half of 200 s, past the next occurrence (60 s).
+    picobot_config("scheduler", max_retries=3, backoff_base_secs=200, backoff_max_secs=3600)
     job = make_job(interval_secs=60)
     [c] = claim()
     claims.complete(c, Outcome(S.TIMED_OUT, error="too slow"))
