@@ -259,10 +259,30 @@ def _changed_fields(job: Job, values: dict[str, Any], now: datetime) -> dict[str
             next_run_at=first_run(spec, now) if schedule_changed else _next_unstarted(job, spec),
         )
     if fields.get("enabled") is True:
-        fields["consecutive_failures"] = 0
+        # A retry pending from before the job was disabled belongs to an occurrence long gone:
+        # running it now and then moving on from that old occurrence would run twice.
+        fields.update(consecutive_failures=0, pending_scheduled_for=None, pending_attempt=1)
         if not schedule_changed:
             fields["next_run_at"] = _next_run_on_re_enable(job, spec, now)
+    _check_runs_left(job, fields)
     return fields
+
+
+def _check_runs_left(job: Job, fields: Mapping[str, Any]) -> None:
+    """Refuse a PATCH that would leave the job enabled with no executions left to run."""
+    enabled = fields.get("enabled", job.enabled)
+    limit = fields.get("max_executions", job.max_executions)
+    if not enabled or limit is None or job.execution_count < limit:
+        return
+    field = "max_executions" if "max_executions" in fields else "enabled"
+    raise ScheduleInvalid(
+        {
+            field: [
+                f"This schedule has already run {job.execution_count} time(s); "
+                f"max_executions must be above that for it to be enabled."
+            ]
+        }
+    )
 
 
 def _merged_schedule(job: Job, values: Mapping[str, Any], now: datetime) -> dict[str, Any]:

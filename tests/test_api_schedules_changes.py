@@ -136,6 +136,43 @@ def test_re_enabling_computes_the_next_run_from_now(client) -> None:
     assert body["consecutive_failures"] == 0 and body["enabled"] is True
 
 
+def test_re_enabling_drops_a_retry_pending_from_before_so_no_occurrence_runs_twice(client) -> None:
+    job = create(client, cron_body())
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now() - timedelta(seconds=1))
+    [failed] = claim_due("w", 1).claims
+    complete(failed, Outcome(S.FAILED, error="boom"))
+    assert Job.objects.get(pk=job.pk).pending_scheduled_for == failed.scheduled_for
+    client.patch(detail(job.pk), {"enabled": False}, format="json")
+    Job.objects.filter(pk=job.pk).update(
+        pending_scheduled_for=failed.scheduled_for - timedelta(days=3)
+    )
+    client.patch(detail(job.pk), {"enabled": True}, format="json")
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now() - timedelta(seconds=1))
+    [run] = claim_due("w", 1).claims
+    assert run.attempt == 1 and run.scheduled_for > failed.scheduled_for
+    complete(run, Outcome(S.SUCCEEDED, output="ok"))
+    assert Job.objects.get(pk=job.pk).next_run_at > db_now()
+    assert claim_due("w", 1).claims == []
+
+
+def test_a_schedule_that_used_up_max_executions_cannot_be_re_enabled_without_raising_it(
+    client,
+) -> None:
+    job = create(client, interval_body(max_executions=1))
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now() - timedelta(seconds=1))
+    [run] = claim_due("w", 1).claims
+    complete(run, Outcome(S.SUCCEEDED, output="ok"))
+    job.refresh_from_db()
+    assert not job.enabled and job.execution_count == 1
+    response = client.patch(detail(job.pk), {"enabled": True}, format="json")
+    assert response.status_code == 400 and "enabled" in response.json()
+    response = client.patch(detail(job.pk), {"enabled": True, "max_executions": 1}, format="json")
+    assert response.status_code == 400
+    assert Job.objects.get(pk=job.pk).enabled is False
+    response = client.patch(detail(job.pk), {"enabled": True, "max_executions": 2}, format="json")
+    assert response.status_code == 200 and response.json()["enabled"] is True
+
+
 def test_a_disabled_schedule_previews_no_runs(client) -> None:
     job = create(client, cron_body())
     body = client.patch(detail(job.pk), {"enabled": False}, format="json").json()
