@@ -24,18 +24,21 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 
 from kernel.context import RunControl
 from schedules import claims, executor, metrics
 from schedules.dbtime import db_now
 from schedules.models import ExecutionStatus
+
+T = TypeVar("T")
 
 logger = logging.getLogger("picobot.worker")
 
@@ -133,21 +136,47 @@ class Worker:
 
     def _run_forever(self) -> None:
         while not self.stopping:
-            self.handle_one_purge()
-            self.handle_one_recovery()
-            if self.handle_one_claim():
-                continue
-            self.idle()
+            self._survive(self.handle_one_tick)
+
+    def handle_one_tick(self) -> bool:
+        """Purge, recover, claim; sleep when there was nothing to claim. True if it claimed."""
+        self.handle_one_purge()
+        self.handle_one_recovery()
+        if self.handle_one_claim():
+            return True
+        self.idle()
+        return False
 
     def _run_once(self) -> None:
-        cutoff = db_now()
+        cutoff = self._survive(db_now)
+        while cutoff is None and not self.stopping:
+            cutoff = self._survive(db_now)
         while not self.stopping:
-            self.handle_one_recovery()
-            if self.handle_one_claim(due_before=cutoff):
-                continue
-            if not self.running_count():
+            done = self._survive(lambda: self.handle_one_once_tick(cutoff))
+            if done:
                 return
+
+    def handle_one_once_tick(self, cutoff: datetime) -> bool:
+        """One step of --once; True when everything due at `cutoff` has run."""
+        self.handle_one_recovery()
+        if self.handle_one_claim(due_before=cutoff):
+            return False
+        if not self.running_count():
+            return True
+        self._waker.sleep(settings.PICOBOT.scheduler.tick_secs)
+        return False
+
+    def _survive(self, step: Callable[[], T]) -> T | None:
+        """Run one loop step; a database error (a locked SQLite file, a dropped PostgreSQL
+        connection) is logged and waited out for a tick instead of ending the worker, whose
+        running executions would otherwise die without a drain."""
+        try:
+            return step()
+        except DatabaseError:
+            logger.exception("worker %s: database error; retrying in a tick", self.worker_id)
+            connection.close()
             self._waker.sleep(settings.PICOBOT.scheduler.tick_secs)
+            return None
 
     def handle_one_claim(self, *, due_before: datetime | None = None) -> bool:
         """Claim due occurrences into the free slots; True if the claim did anything."""
