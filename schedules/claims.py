@@ -53,6 +53,20 @@ RELEASE: dict[str, Any] = {
 _rng = random.SystemRandom()
 
 
+# Workers LISTEN here (PostgreSQL) so a new or changed schedule wakes them before their tick.
+WAKE_CHANNEL = "picobot_schedules"
+
+
+def wake_workers() -> None:
+    """Ask idle workers to look at the queue now (PostgreSQL NOTIFY, sent at commit).
+
+    On SQLite there is no cross-process signal: workers wake on their tick (`tick_secs`).
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f"NOTIFY {WAKE_CHANNEL}")
+
+
 class ClaimLost(Exception):
     """The worker's claim token is no longer on the job: another worker recovered it."""
 

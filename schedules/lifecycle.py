@@ -23,6 +23,7 @@ from django.db import transaction
 from kernel.context import Capabilities
 from kernel.models import User
 from kernel.permissions import CapabilitySet
+from schedules.claims import wake_workers
 from schedules.dbtime import db_now
 from schedules.models import Execution, ExecutionStatus, Job, JobQuerySet, Origin, ScheduleType
 from schedules.quotas import QuotaExceeded, check_can_create
@@ -200,7 +201,9 @@ def create_job(
         # Holding the owner's row makes the quota count exact against concurrent creates.
         User.objects.select_for_update().filter(pk=owner.pk).first()
         check_can_create(owner, now)
-        return Job.objects.create(owner=owner, origin=origin, **fields)
+        job = Job.objects.create(owner=owner, origin=origin, **fields)
+        wake_workers()
+        return job
 
 
 def update_job(
@@ -230,6 +233,8 @@ def update_job(
         if fields:
             fields["updated_at"] = now
             Job.objects.filter(pk=current.pk, deleted_at__isnull=True).update(**fields)
+            if "next_run_at" in fields:
+                wake_workers()
     return Job.objects.get(pk=job.pk)
 
 

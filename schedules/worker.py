@@ -48,7 +48,7 @@ PURGE_EVERY_SECS = 3600.0
 # After the grace period, how long cancelled runs get to record themselves `interrupted`
 # before the main thread releases them itself.
 CANCEL_SETTLE_SECS = 3.0
-NOTIFY_CHANNEL = "picobot_schedules"
+NOTIFY_CHANNEL = claims.WAKE_CHANNEL
 
 
 class Waker:

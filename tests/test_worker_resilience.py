@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import signal
+import time
+from datetime import timedelta
 
 import pytest
-from django.db import OperationalError
+from django.db import OperationalError, connection
 
-from schedules import claims
+from schedules import claims, lifecycle
+from schedules.dbtime import db_now
 from schedules.models import Execution, ExecutionStatus
 from schedules.worker import Worker
-from tests.worker_support import due_job
+from tests.worker_support import Workers, due_job, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -43,3 +46,29 @@ def test_a_database_error_in_the_loop_is_survived_and_the_due_run_still_happens(
     assert failures["left"] == 0
     [execution] = Execution.objects.filter(job=job)
     assert execution.status == ExecutionStatus.SUCCEEDED
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="LISTEN/NOTIFY is PostgreSQL's")
+def test_a_new_schedule_wakes_an_idle_postgresql_worker_before_its_tick(
+    make_user, model_server, tmp_path
+) -> None:
+    model_server.reply_always("done")
+    owner = make_user(grant=["schedule:*"])
+    workers = Workers(tmp_path, model_server.base_url, tick_secs=60)
+    try:
+        workers.start(worker_id="sleeper")
+        wait_until(lambda: "started:" in workers.logs(), what="the worker to start")
+        time.sleep(0.5)  # let it settle into its (60 s) idle sleep
+        run_at = (db_now() + timedelta(seconds=1)).isoformat()
+        job = lifecycle.create_job(
+            owner, {"prompt": "p", "schedule_type": "once", "run_at": run_at}
+        )
+        # Without the wake-up the worker would sleep out its 60 s tick first.
+        wait_until(
+            lambda: Execution.objects.filter(job=job, status=ExecutionStatus.SUCCEEDED).exists(),
+            timeout=20,
+            what="the new schedule to run",
+        )
+    finally:
+        workers.stop_all()
