@@ -226,6 +226,6 @@ def _run_tool_call(call: Any, context: ToolContext) -> ToolResult:
     raw = function["arguments"]
     try:
         args: Any = json.loads(raw) if raw.strip() else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # malformed, or nested too deeply to parse
         args = raw  # the Kernel refuses it as invalid, and audits it
     return kernel.invoke(function["name"], args, context)

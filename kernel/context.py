@@ -198,6 +198,9 @@ def lenient_capability_set(permissions: Iterable[object]) -> CapabilitySet:
 class ScheduledRunCapabilities:
     """Allows a permission only if the snapshot allows it and the owner's current grant does.
 
+    `allows_exactly` (the exact-host rule of http_fetch) needs the permission itself as a member
+    of both the snapshot and the current grant. Chat sessions use this class too.
+
     The grant is re-read from the database on every check, so revoking a grant (or deactivating
     the owner) takes effect at the next tool call of a run that is already going.
     """
@@ -221,7 +224,11 @@ class ScheduledRunCapabilities:
         return self.snapshot.allows(required) and self.current_grant().allows(required)
 
     def allows_exactly(self, required: Permission) -> bool:
-        return self.snapshot.allows_exactly(required) and self.current_grant().allows(required)
+        # Both must name the permission itself: a wildcard in the grant (`net:*`) does not let
+        # the snapshot or a chat session unlock a private host by naming it exactly.
+        return self.snapshot.allows_exactly(required) and self.current_grant().allows_exactly(
+            required
+        )
 
     def __repr__(self) -> str:
         return f"ScheduledRunCapabilities({self.snapshot.as_strings()!r}, owner={self.owner_id})"

@@ -40,6 +40,9 @@ UNTRUSTED_WARNING = (
 )
 MAX_OUTPUT_CHARS = 100_000
 MAX_AUDIT_STRING_CHARS = 2_000
+# Arguments nested deeper than this are refused before schema validation (which, like the
+# audit, must not recurse without bound on what a model sends).
+MAX_ARGUMENT_DEPTH = 32
 
 
 @dataclass
@@ -143,6 +146,51 @@ def redact(value: Any, _depth: int = 0) -> Any:
     return redact_text(repr(value))
 
 
+# --- nesting depth --------------------------------------------------------------------------------
+
+_TOO_DEEP = f"the arguments are nested more than {MAX_ARGUMENT_DEPTH} levels deep"
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """True when dicts and lists in `value` nest more than `limit` levels (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def text_nesting_exceeds(text: str, limit: int) -> bool:
+    """True when the brackets of JSON-like `text` (outside strings) nest more than `limit`."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 # --- the Kernel -----------------------------------------------------------------------------------
 
 
@@ -153,27 +201,49 @@ class Kernel:
         """Run one tool call for `context`; always returns a result except when the run stops.
 
         Raises Cancelled / DeadlineExceeded when the run must stop (before the call, or when its
-        deadline passes during it), and whatever `context.before_tool_call` raises.
+        deadline passes during it), and whatever `context.before_tool_call` raises. The call is
+        audited in every case: a call the run's stop interrupted (or that ran before the stop
+        was noticed) gets an "error" row saying "stopped: <reason>" before the stop propagates.
         """
-        context.control.check()
         started = time.monotonic()
         attributes = _span_attributes(tool_name, context)
         with tracer.start_as_current_span("picobot.tool_call", attributes=attributes) as span:
+            try:
+                context.control.check()
+            except RunStopped as exc:
+                self._record_stop(
+                    tool_name, args, context, started, span, f"not run: stopped: {exc}"
+                )
+                raise
             if context.before_tool_call is not None:
                 try:
                     context.before_tool_call()
                 except BaseException as exc:
-                    self._record(
-                        ToolResult(tool_name, ToolDecision.ERROR, "", error=f"not run: {exc}"),
-                        args,
-                        context,
-                        started,
-                    )
+                    self._record_stop(tool_name, args, context, started, span, f"not run: {exc}")
                     raise
-            result = self._decide_and_run(tool_name, args, context)
+            try:
+                result = self._decide_and_run(tool_name, args, context)
+            except RunStopped as exc:
+                # The tool may have run (and had its effects): the row says the run stopped.
+                self._record_stop(tool_name, args, context, started, span, f"stopped: {exc}")
+                raise
             self._record(result, args, context, started)
             span.set_attribute("picobot.decision", result.decision)
             return result
+
+    def _record_stop(
+        self,
+        tool_name: str,
+        args: Any,
+        context: ToolContext,
+        started: float,
+        span: Any,
+        error: str,
+    ) -> None:
+        self._record(
+            ToolResult(tool_name, ToolDecision.ERROR, "", error=error), args, context, started
+        )
+        span.set_attribute("picobot.decision", ToolDecision.ERROR)
 
     def _decide_and_run(self, tool_name: str, args: Any, context: ToolContext) -> ToolResult:
         try:
@@ -181,7 +251,11 @@ class Kernel:
         except UnknownTool:
             return _invalid(tool_name, f"there is no tool named {tool_name!r}")
         if not isinstance(args, dict):
+            if isinstance(args, str) and text_nesting_exceeds(args, MAX_ARGUMENT_DEPTH):
+                return _invalid(tool_name, _TOO_DEEP)
             return _invalid(tool_name, "the arguments must be a JSON object")
+        if nesting_exceeds(args, MAX_ARGUMENT_DEPTH):
+            return _invalid(tool_name, _TOO_DEEP)
         error = best_match(Draft202012Validator(tool.parameters).iter_errors(args))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path)

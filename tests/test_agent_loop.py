@@ -121,6 +121,35 @@ def test_invalid_json_arguments_are_refused_and_audited(model_server, context) -
     assert ToolCall.objects.get().decision == "invalid"
 
 
+def test_arguments_too_deeply_nested_to_parse_are_refused_and_audited(
+    model_server, context
+) -> None:
+    deep = "[" * 200_000 + "]" * 200_000
+    model_server.add(
+        {"tool_calls": [{"name": "test_counter", "arguments": deep}]}, {"content": "ok"}
+    )
+    result = run_agent("count", context)
+    assert result.text == "ok"
+    assert result.tool_calls[0]["decision"] == "invalid"
+    assert "nested more than 32 levels deep" in result.tool_calls[0]["error"]
+    assert "nested more than 32 levels deep" in model_server.requests[1]["messages"][-1]["content"]
+    assert ToolCall.objects.get().decision == "invalid"
+    assert CounterTool.calls == []
+
+
+def test_parsable_arguments_nested_too_deeply_are_refused_and_audited(
+    model_server, context
+) -> None:
+    deep = '{"n": ' + "[" * 500 + "]" * 500 + "}"
+    model_server.add(
+        {"tool_calls": [{"name": "test_counter", "arguments": deep}]}, {"content": "ok"}
+    )
+    result = run_agent("count", context)
+    assert result.tool_calls[0]["decision"] == "invalid"
+    assert "nested more than 32 levels deep" in result.tool_calls[0]["error"]
+    assert ToolCall.objects.get().decision == "invalid"
+
+
 def test_history_is_sent_before_the_new_prompt(model_server, context) -> None:
     model_server.add({"content": "second"})
     history = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "one"}]
@@ -227,6 +256,10 @@ def test_a_cancelled_run_stops_before_the_next_tool_call(model_server, make_user
         run_agent("count", context)
     assert CounterTool.calls == [1]
     assert len(model_server.requests) == 1
+    # The call that ran is audited although the run stopped before its result went back.
+    row = ToolCall.objects.get()
+    assert (row.tool, row.decision) == ("test_counter", "error")
+    assert row.error == "stopped: cancelled by the owner"
 
 
 def test_the_model_server_records_what_it_received(model_server) -> None:

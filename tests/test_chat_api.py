@@ -180,6 +180,24 @@ def test_a_model_failure_is_a_502(model_server, make_user, api_client_for) -> No
     assert response.status_code == 502
 
 
+def test_tool_arguments_too_deeply_nested_to_parse_are_refused_not_a_500(
+    model_server, make_user, api_client_for
+) -> None:
+    deep = "[" * 200_000 + "]" * 200_000
+    model_server.add({"tool_calls": [{"name": "shell", "arguments": deep}]}, {"content": "done"})
+    client = api_client_for(make_user(grant=["shell:ls"]))
+    client.raise_request_exception = False
+    response = post(client, message="hi")
+    assert response.status_code == 200, response.status_code
+    body = response.json()
+    assert body["reply"] == "done"
+    call = body["tool_calls"][0]
+    assert (call["tool"], call["decision"]) == ("shell", "invalid")
+    assert "nested more than 32 levels deep" in call["error"]
+    row = ToolCall.objects.get()
+    assert (row.decision, row.session_id) == ("invalid", body["session_id"])
+
+
 def test_an_anonymous_caller_gets_401(model_server) -> None:
     assert APIClient().post("/api/v1/chat", {"message": "hi"}, format="json").status_code == 401
 

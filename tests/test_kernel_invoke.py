@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +46,8 @@ class EchoTool(Tool):
             while True:
                 context.control.check()
                 time.sleep(0.01)
+        if args["text"] == "nap":  # does its work without looking at the run's control
+            time.sleep(0.3)
         return args["text"]
 
 
@@ -137,6 +140,8 @@ def test_the_runs_deadline_bounds_the_tool_and_stops_the_run(make_user) -> None:
         kernel.invoke(
             "test_echo", {"text": "slow"}, context_for(make_user(), ["notify:*"], control=control)
         )
+    row = ToolCall.objects.get()
+    assert (row.decision, row.error) == ("error", "stopped: the run's deadline passed")
 
 
 def test_a_cancelled_run_makes_no_more_calls(make_user) -> None:
@@ -147,6 +152,54 @@ def test_a_cancelled_run_makes_no_more_calls(make_user) -> None:
             "test_echo", {"text": "hi"}, context_for(make_user(), ["notify:*"], control=control)
         )
     assert EchoTool.runs == []
+    row = ToolCall.objects.get()  # the call the model asked for is still in the audit log
+    assert (row.decision, row.error) == ("error", "not run: stopped: stop")
+
+
+def test_a_call_that_ran_past_the_runs_deadline_is_audited_before_the_run_stops(
+    make_user,
+) -> None:
+    control = RunControl.with_timeout(0.1)
+    context = context_for(make_user(), ["notify:*"], control=control)
+    with pytest.raises(DeadlineExceeded):
+        kernel.invoke("test_echo", {"text": "nap"}, context)
+    assert EchoTool.runs == [{"text": "nap"}]  # it ran: its effects happened
+    row = ToolCall.objects.get()
+    assert (row.tool, row.decision) == ("test_echo", "error")
+    assert row.error == "stopped: the run's deadline passed"
+    assert row.arguments == {"text": "nap"}
+
+
+def test_a_call_interrupted_by_cancelling_the_run_is_audited(make_user) -> None:
+    control = RunControl.with_timeout(30)
+    context = context_for(make_user(), ["notify:*"], control=control)
+    timer = threading.Timer(0.1, control.cancel, args=("cancelled by the owner",))
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            kernel.invoke("test_echo", {"text": "slow"}, context)
+    finally:
+        timer.cancel()
+    row = ToolCall.objects.get()
+    assert (row.decision, row.error) == ("error", "stopped: cancelled by the owner")
+
+
+def test_a_shell_command_killed_by_cancelling_the_run_is_audited(make_user) -> None:
+    control = RunControl.with_timeout(30)
+    context = context_for(make_user(), ["shell:sleep"], control=control)
+    timer = threading.Timer(0.2, control.cancel, args=("cancelled by the owner",))
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Cancelled):
+            kernel.invoke("shell", {"command": "sleep", "args": ["5"]}, context)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 4
+    row = ToolCall.objects.get()
+    assert (row.tool, row.decision) == ("shell", "error")
+    assert row.error == "stopped: cancelled by the owner"
+    assert row.arguments == {"command": "sleep", "args": ["5"]}
 
 
 def test_a_failing_before_tool_call_hook_stops_the_call(make_user) -> None:
@@ -231,4 +284,43 @@ def test_nul_characters_and_lone_surrogates_in_arguments_can_be_audited(make_use
     assert result.decision == "invalid"
     result = kernel.invoke("no\x00such\udfff", {"text": "a\x00b"}, context)
     assert result.decision == "invalid"
+    assert ToolCall.objects.count() == 2
+
+
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [40, 5_000, 100_000])
+def test_deeply_nested_arguments_are_refused_and_audited_without_recursing(
+    make_user, depth: int
+) -> None:
+    context = context_for(make_user(), ["notify:*"])
+    for args in ({"text": nested(depth)}, {"text": "a", "token": {"k": nested(depth)}}):
+        result = kernel.invoke("test_echo", args, context)
+        assert result.decision == "invalid"
+        assert "nested more than 32 levels deep" in result.content
+    assert EchoTool.runs == []
+    assert [row.decision for row in ToolCall.objects.all()] == ["invalid", "invalid"]
+    assert "[too deep]" in str(ToolCall.objects.first().arguments)
+
+
+def test_arguments_nested_within_the_limit_reach_schema_validation(make_user) -> None:
+    context = context_for(make_user(), ["notify:*"])
+    result = kernel.invoke("test_echo", {"text": nested(31)}, context)
+    assert result.decision == "invalid"
+    assert "is not of type 'string'" in result.content
+
+
+def test_unparsed_arguments_nested_too_deeply_are_refused_saying_so(make_user) -> None:
+    context = context_for(make_user(), ["notify:*"])
+    deep = "[" * 100_000 + "]" * 100_000
+    result = kernel.invoke("test_echo", deep, context)
+    assert result.decision == "invalid"
+    assert "nested more than 32 levels deep" in result.content
+    shallow = kernel.invoke("test_echo", '{"text": "[[[" ', context)
+    assert "must be a JSON object" in shallow.content
     assert ToolCall.objects.count() == 2

@@ -127,8 +127,28 @@ def test_a_deactivated_owner_allows_nothing(make_user) -> None:
 
 @pytest.mark.django_db
 def test_an_exact_grant_needs_the_snapshot_to_name_it_exactly(make_user) -> None:
-    owner = make_user(grant=["net:*"])
+    owner = make_user(grant=["net:*", "net:localhost"])
     wildcard = ScheduledRunCapabilities(["net:*"], owner)
     exact = ScheduledRunCapabilities(["net:localhost"], owner)
     assert not wildcard.allows_exactly(parse_permission("net:localhost"))
     assert exact.allows_exactly(parse_permission("net:localhost"))
+
+
+@pytest.mark.django_db
+def test_an_exact_grant_needs_the_owners_grant_to_name_it_exactly_too(make_user) -> None:
+    # A wildcard grant must not let a snapshot (or a chat session) unlock a private host by
+    # naming it: the operator granted "any host", not "this loopback address".
+    owner = make_user(grant=["net:*"])
+    for host in ("net:localhost", "net:127.0.0.1", "net:169.254.169.254"):
+        capabilities = ScheduledRunCapabilities([host], owner)
+        assert capabilities.allows(parse_permission(host))
+        assert not capabilities.allows_exactly(parse_permission(host))
+
+
+@pytest.mark.django_db
+def test_revoking_the_exact_grant_takes_effect_at_the_next_check(make_user) -> None:
+    owner = make_user(grant=["net:*", "net:127.0.0.1"])
+    capabilities = ScheduledRunCapabilities(["net:127.0.0.1"], owner)
+    assert capabilities.allows_exactly(parse_permission("net:127.0.0.1"))
+    User.objects.filter(pk=owner.pk).update(grant=["net:*"])
+    assert not capabilities.allows_exactly(parse_permission("net:127.0.0.1"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kernel.context import RunControl, ToolContext
+from kernel.context import RunControl, ScheduledRunCapabilities, ToolContext
 from kernel.kernel import kernel
 from kernel.models import ToolCall
 from kernel.permissions import CapabilitySet
@@ -151,6 +152,58 @@ def test_a_wildcard_domain_grant_does_not_unlock_a_name_that_resolves_to_loopbac
     assert server.requests == []
     result = fetch(make_user(), ["net:internal.example.com"], url)
     assert result.decision == "allowed"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_scheduled_run_reaches_a_local_host_only_if_the_owners_grant_names_it(
+    make_user, server, host: str
+) -> None:
+    # The snapshot names the host exactly; a wildcard grant must not make that an exact grant.
+    def fetch_as(owner: Any) -> Any:
+        capabilities = ScheduledRunCapabilities([f"net:{host}"], owner)
+        context = ToolContext(user=owner, capabilities=capabilities, in_scheduled_run=True)
+        return kernel.invoke("http_fetch", {"url": server.url("/", host=host)}, context)
+
+    result = fetch_as(make_user(grant=["net:*"]))
+    assert result.decision == "error"
+    assert "loopback" in result.content
+    assert server.requests == []
+    result = fetch_as(make_user(grant=[f"net:{host}"]))
+    assert result.decision == "allowed"
+    assert "hello from local" in result.content
+
+
+def chat_fetch(client: Any, url: str, capabilities: list[str]) -> Any:
+    response = client.post(
+        "/api/v1/chat",
+        json.dumps({"message": "fetch it", "capabilities": capabilities}),
+        content_type="application/json",
+    )
+    assert response.status_code == 200, response.content
+    return response.json()["tool_calls"][0]
+
+
+def test_through_chat_a_wildcard_grant_cannot_unlock_a_local_host_by_naming_it(
+    model_server, make_user, api_client_for, server
+) -> None:
+    server.routes["/latest/meta-data"] = (200, {}, b"INTERNAL-METADATA-SECRET", 0)
+    url = server.url("/latest/meta-data")
+    call = {"tool_calls": [{"name": "http_fetch", "arguments": {"url": url}}]}
+
+    wildcard = api_client_for(make_user(grant=["net:*"]))
+    model_server.add(call, {"content": "done"})
+    refused = chat_fetch(wildcard, url, ["net:127.0.0.1"])
+    assert refused["decision"] == "error"
+    assert "only an exact grant net:127.0.0.1" in refused["error"]
+    assert server.requests == []
+    assert "INTERNAL-METADATA-SECRET" not in json.dumps(model_server.requests[-1])
+    assert ToolCall.objects.get(pk=refused["id"]).decision == "error"
+
+    exact = api_client_for(make_user(grant=["net:127.0.0.1"]))
+    model_server.add(call, {"content": "done"})
+    allowed = chat_fetch(exact, url, ["net:127.0.0.1"])
+    assert allowed["decision"] == "allowed"
+    assert "INTERNAL-METADATA-SECRET" in json.dumps(model_server.requests[-1])
 
 
 def test_a_redirect_to_a_refused_address_is_checked_again(make_user, server) -> None:
