@@ -7,6 +7,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.forms import UserChangeForm
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
@@ -21,12 +22,11 @@ GRANT_HELP = (
 )
 
 
-class UserGrantForm(forms.ModelForm):
+class UserGrantForm(UserChangeForm):
     grant = PermissionListField(required=False, help_text=GRANT_HELP)
 
-    class Meta:
+    class Meta(UserChangeForm.Meta):
         model = User
-        fields = "__all__"  # noqa: DJ007 (UserAdmin chooses the fields shown)
 
 
 class ApiKeyInline(admin.TabularInline):

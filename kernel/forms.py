@@ -7,7 +7,7 @@ from typing import Any
 from django import forms
 from django.core.exceptions import ValidationError
 
-from kernel.permissions import InvalidPermission, parse_permission
+from kernel.permissions import canonical_list
 
 
 class PermissionListField(forms.CharField):
@@ -25,20 +25,9 @@ class PermissionListField(forms.CharField):
             lines = value
         else:
             lines = [line.strip() for line in (value or "").splitlines()]
-        result: list[str] = []
-        errors: list[str] = []
-        for line in lines:
-            if not line:
-                continue
-            try:
-                canonical = parse_permission(line).text
-            except InvalidPermission as exc:
-                errors.append(str(exc))
-                continue
-            if canonical not in result:
-                result.append(canonical)
+        result, errors = canonical_list(line for line in lines if line)
         if errors:
-            raise ValidationError(errors)
+            raise ValidationError(list(errors.values()))
         return result
 
     def validate(self, value: Any) -> None:

@@ -184,6 +184,22 @@ _PARSERS = {
 }
 
 
+def canonical_list(items: Iterable[object]) -> tuple[list[str], dict[int, str]]:
+    """The canonical forms of `items` in order without repeats, and each bad item's error by
+    its index. Callers refuse the whole list when any item is bad: nothing is dropped."""
+    canonical: list[str] = []
+    errors: dict[int, str] = {}
+    for index, item in enumerate(items):
+        try:
+            text = parse_permission(item).text
+        except InvalidPermission as exc:
+            errors[index] = str(exc)
+            continue
+        if text not in canonical:
+            canonical.append(text)
+    return canonical, errors
+
+
 # --- containment ------------------------------------------------------------------------------
 
 _STAR = "\x00"  # stands for a `*` of the contained pattern; only a `*` of the container matches it

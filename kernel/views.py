@@ -24,7 +24,7 @@ from kernel.context import (
 )
 from kernel.kernel import storable
 from kernel.models import ChatSession, User
-from kernel.permissions import CapabilitySet, InvalidPermission, parse_permission
+from kernel.permissions import CapabilitySet, canonical_list
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +87,8 @@ class ChatRequestSerializer(serializers.Serializer):
         return value
 
     def validate_capabilities(self, value: list[str]) -> list[str]:
-        errors: dict[int, list[str]] = {}
-        canonical: list[str] = []
-        for index, text in enumerate(value):
-            try:
-                permission = parse_permission(text).text
-            except InvalidPermission as exc:
-                errors[index] = [str(exc)]
-                continue
-            if permission not in canonical:
-                canonical.append(permission)
+        canonical, bad = canonical_list(value)
+        errors = {index: [message] for index, message in bad.items()}
         if errors:
             raise serializers.ValidationError(errors)
         return canonical

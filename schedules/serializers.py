@@ -19,7 +19,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from kernel.permissions import InvalidPermission, parse_permission
+from kernel.permissions import canonical_list
 from schedules.models import Execution, Job, Misfire, ScheduleType
 from schedules.timing import describe_cron, next_after, preview, spec_of
 
@@ -177,18 +177,9 @@ class PermissionListField(serializers.ListField):
             raise serializers.ValidationError("Must be a list of permission strings.")
         if len(data) > MAX_CAPABILITIES:
             raise serializers.ValidationError(f"At most {MAX_CAPABILITIES} permissions.")
-        errors: list[str] = []
-        canonical: list[str] = []
-        for item in data:
-            try:
-                text = parse_permission(item).text
-            except InvalidPermission as exc:
-                errors.append(str(exc))
-                continue
-            if text not in canonical:
-                canonical.append(text)
+        canonical, errors = canonical_list(data)
         if errors:
-            raise serializers.ValidationError(errors)
+            raise serializers.ValidationError(list(errors.values()))
         return canonical
 
 
