@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("picobot.agent")
 
 TRANSPORT_ATTEMPTS = 3
+# Clients kept per process, keyed by endpoint: more only appear when the settings change (tests).
+MAX_CACHED_CLIENTS = 8
 TRANSPORT_BACKOFF_SECS = (0.5, 2.0)
 
 HOW_TO_CONFIGURE = (
@@ -58,18 +61,40 @@ def model_configured() -> bool:
     return bool(settings.PICOBOT_MODEL_BASE_URL and settings.PICOBOT_MODEL)
 
 
+_clients: dict[tuple[str, str, float], openai.OpenAI] = {}
+_clients_lock = threading.Lock()
+
+
 def _client(timeout_secs: float) -> openai.OpenAI:
+    """The process's client for the configured endpoint, made on first use and then shared.
+
+    Building a client costs more than a local model answer (a TLS context, a connection pool), and
+    a shared one keeps its connections alive between runs. It is thread-safe, and nothing about
+    a run is kept on it: the model, messages and per-request timeout go with each request.
+    """
     if not model_configured():
         raise ModelNotConfigured()
-    return openai.OpenAI(
-        base_url=settings.PICOBOT_MODEL_BASE_URL,
-        # Local servers (Ollama, vLLM) need no key, but the client insists on one.
-        api_key=settings.PICOBOT_MODEL_API_KEY or "not-needed",
-        organization=None,
-        project=None,
-        max_retries=0,
-        timeout=timeout_secs,
+    # Local servers (Ollama, vLLM) need no key, but the client insists on one.
+    key = (
+        settings.PICOBOT_MODEL_BASE_URL,
+        settings.PICOBOT_MODEL_API_KEY or "not-needed",
+        timeout_secs,
     )
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            if len(_clients) >= MAX_CACHED_CLIENTS:
+                # Dropped, not closed: a run on another thread may still be using it.
+                del _clients[next(iter(_clients))]
+            client = _clients[key] = openai.OpenAI(
+                base_url=key[0],
+                api_key=key[1],
+                organization=None,
+                project=None,
+                max_retries=0,
+                timeout=timeout_secs,
+            )
+        return client
 
 
 def run_agent(
@@ -125,7 +150,6 @@ def run_agent(
             f"the model did not finish within [model] max_turns = {config.max_turns} turns"
         )
     finally:
-        client.close()
         result.messages = conversation
 
 
