@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,7 +17,14 @@ from django.db.models import Count
 from schedules import claims
 from schedules.dbtime import db_now
 from schedules.models import Execution, ExecutionStatus, Job
-from tests.worker_support import Workers, due_job, max_overlap, wait_until
+from tests.worker_support import (
+    Workers,
+    alive,
+    due_job,
+    max_overlap,
+    sleep_child,
+    wait_until,
+)
 
 S = ExecutionStatus
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -52,17 +58,6 @@ def running(job: Job) -> bool:
 def asked_model(server: Any, count: int = 1) -> Callable[[], bool]:
     """The run has reached the model (the scripted turn is taken), not merely been claimed."""
     return lambda: len(server.requests) >= count
-
-
-def _sleeping(seconds: str) -> bool:
-    """Whether a `sleep <seconds>` process is alive (the shell tool's subprocess)."""
-    found = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
-    for line in found.splitlines():
-        stat, _, args = line.strip().partition(" ")
-        argv = args.split()
-        if not stat.startswith("Z") and argv[1:] == [seconds] and "sleep" in argv[0]:
-            return True
-    return False
 
 
 def test_an_expired_claim_is_reclaimed(make_user, workers, model_server):
@@ -225,7 +220,7 @@ def test_after_the_grace_period_a_run_is_interrupted_and_another_worker_takes_it
     worker = group.start("--grace-secs", "0.5", worker_id="leaving")
     # The second request would carry the shell result: while it has not come, sleep is running.
     wait_until(asked_model(model_server), 30, "the run to reach the model")
-    wait_until(lambda: _sleeping("29.5"), 30, "the shell subprocess")
+    sleeper = wait_until(lambda: sleep_child(worker.pid, "29.5"), 30, "the shell subprocess")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     [execution] = Execution.objects.filter(job=job)
@@ -235,7 +230,7 @@ def test_after_the_grace_period_a_run_is_interrupted_and_another_worker_takes_it
     group.start(worker_id="next")
     wait_until(lambda: Execution.objects.filter(job=job, status=S.SUCCEEDED).exists(), 30)
     assert history(job) == [(S.INTERRUPTED, 1, "leaving"), (S.SUCCEEDED, 2, "next")]
-    assert not _sleeping("29.5")
+    assert not alive(sleeper)
 
 
 def test_a_second_signal_exits_at_once(make_user, workers, model_server):

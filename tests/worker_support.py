@@ -100,6 +100,39 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def sleep_pids(seconds: str, parent_pid: int | None = None) -> list[int]:
+    """Live `sleep <seconds>` processes (a worker's shell tool subprocesses), only those whose
+    parent is `parent_pid` when given. Another test run on the same machine may be sleeping
+    too: callers match on their worker's pid, or on an argument unique to their run."""
+    listing = subprocess.run(
+        ["ps", "-eo", "pid=,ppid=,stat=,args="], capture_output=True, text=True, check=True
+    ).stdout
+    found = []
+    for line in listing.splitlines():
+        fields = line.split(None, 3)
+        if len(fields) < 4:
+            continue
+        pid, ppid, stat, args = fields
+        argv = args.split()
+        if stat.startswith("Z") or argv[1:] != [seconds] or "sleep" not in argv[0]:
+            continue
+        if parent_pid is None or int(ppid) == parent_pid:
+            found.append(int(pid))
+    return found
+
+
+def sleep_child(parent_pid: int, seconds: str) -> int | None:
+    """The pid of a live `sleep <seconds>` started by process `parent_pid`, if any."""
+    return next(iter(sleep_pids(seconds, parent_pid)), None)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    found = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True)
+    stat = found.stdout.strip()
+    return found.returncode == 0 and bool(stat) and not stat.startswith("Z")
+
+
 def due_job(owner: Any, **fields: Any) -> Job:
     """A job due now (created directly: these tests exercise the worker, not validation)."""
     values: dict[str, Any] = {
