@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from schedules import claims
 from schedules.dbtime import db_now
 from schedules.models import Execution, ExecutionStatus, Job
 from schedules.tool import MAX_TOOL_EXECUTIONS
+from schedules.worker import Worker
 
 pytestmark = pytest.mark.django_db
 
@@ -658,7 +660,7 @@ def test_a_scheduled_run_never_creates_updates_or_deletes_whatever_its_snapshot_
 
 @pytest.mark.django_db(transaction=True)
 def test_a_scheduled_run_lists_and_cancels_only_its_own_job(
-    model_server, client, fast_worker
+    model_server, client, fast_worker, monkeypatch
 ) -> None:
     def create(prompt: str) -> Job:
         response = client.post(
@@ -669,6 +671,18 @@ def test_a_scheduled_run_lists_and_cancels_only_its_own_job(
         )  # fmt: skip
         return Job.objects.get(pk=response.json()["id"])
 
+    # The worker's monitor reads cancel requests twice a second: the answer after the cancel is
+    # held until the monitor has stopped the run, and the next call then finds it stopped.
+    stopped = threading.Event()
+    watch = Worker.handle_one_watch
+
+    def watch_and_tell(self: Worker) -> bool:
+        if watch(self):
+            stopped.set()
+            return True
+        return False
+
+    monkeypatch.setattr(Worker, "handle_one_watch", watch_and_tell)
     other = create("Another job of the same owner.")
     job = create("Stop yourself.")
     make_due(job)
@@ -677,11 +691,13 @@ def test_a_scheduled_run_lists_and_cancels_only_its_own_job(
         schedule_call(action="list", id=other.pk),
         schedule_call(action="cancel", id=other.pk),
         schedule_call(action="cancel"),
-        # The monitor sees the request within half a second; the next call finds it.
-        {"delay": 1.5, **schedule_call(action="list")},
+        {"hold": stopped, **schedule_call(action="list")},
         {"content": "unreachable"},
     )
-    run_worker_once()
+    try:
+        run_worker_once()
+    finally:
+        stopped.set()
     listed = tool_output(model_server, 1)
     assert [s["id"] for s in listed["schedules"]] == [job.pk]
     execution = Execution.objects.get(job=job)

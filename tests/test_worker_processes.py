@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
+import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -12,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.db import connection
 from django.db.models import Count
 
 from schedules import claims
@@ -166,30 +170,72 @@ def test_a_worker_killed_mid_run_loses_its_occurrence_to_another_worker(
 def test_a_paused_worker_resumed_after_its_lease_records_superseded_and_changes_nothing(
     make_user, workers, model_server
 ):
-    model_server.add({"content": "stale answer", "delay": 1})
+    answer = threading.Event()
+    model_server.add({"content": "stale answer", "hold": answer})
     model_server.reply_always("fresh answer")
     job = due_job(make_user())
     group = workers(lease_secs=2, backoff_base_secs=1, backoff_max_secs=1)
     paused = group.start(worker_id="paused")
-    wait_until(asked_model(model_server), 30, "the run to reach the model")
-    # Let its main loop settle into its idle sleep: on SQLite a process stopped inside a write
-    # transaction would hold the file's lock and stall every process (SQLite, not the protocol).
-    time.sleep(0.5)
-    os.kill(paused.pid, signal.SIGSTOP)
-    other = group.start(worker_id="other")
-    wait_until(lambda: Execution.objects.filter(job=job, status=S.SUCCEEDED).exists(), 30)
-    other.send_signal(signal.SIGTERM)
-    assert other.wait(timeout=30) == 0
-    before = Job.objects.filter(pk=job.pk).values().get()
+    try:
+        # Its answer is held until it has been paused and resumed: it cannot finish first.
+        wait_until(asked_model(model_server), 30, "the run to reach the model")
+        pause_outside_a_write(paused)
+        other = group.start(worker_id="other")
+        wait_until(lambda: Execution.objects.filter(job=job, status=S.SUCCEEDED).exists(), 30)
+        other.send_signal(signal.SIGTERM)
+        assert other.wait(timeout=30) == 0
+        before = Job.objects.filter(pk=job.pk).values().get()
 
-    os.kill(paused.pid, signal.SIGCONT)
-    wait_until(
-        lambda: Execution.objects.filter(job=job, status=S.SUPERSEDED).exists(), 30, "superseded"
-    )
+        os.kill(paused.pid, signal.SIGCONT)
+        answer.set()
+        wait_until(
+            lambda: Execution.objects.filter(job=job, status=S.SUPERSEDED).exists(),
+            30,
+            "superseded",
+        )
+    finally:
+        answer.set()
     assert Job.objects.filter(pk=job.pk).values().get() == before
     assert history(job) == [(S.SUPERSEDED, 1, "paused"), (S.SUCCEEDED, 2, "other")]
     won = Execution.objects.get(job=job, status=S.SUCCEEDED)
     assert won.output == "fresh answer"
+
+
+def pause_outside_a_write(process: subprocess.Popen[bytes]) -> None:
+    """SIGSTOP `process` at a moment it holds no SQLite write lock: a process stopped inside a
+    write transaction would hold the file's lock and stall every process (SQLite, not the
+    protocol). PostgreSQL runs each of a running worker's writes as one statement, which the
+    server finishes whether or not the client is stopped."""
+
+    def paused() -> bool:
+        os.kill(process.pid, signal.SIGSTOP)
+        wait_until(lambda: _all_threads_stopped(process.pid), 30, "the process to stop")
+        if connection.vendor != "sqlite" or _sqlite_writable():
+            return True
+        os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.05)
+        return False
+
+    wait_until(paused, 30, "a moment the worker holds no write lock")
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    states = subprocess.run(
+        ["ps", "-L", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True
+    ).stdout.split()
+    return bool(states) and all(state.startswith(("T", "t")) for state in states)
+
+
+def _sqlite_writable() -> bool:
+    probe = sqlite3.connect(connection.settings_dict["NAME"], timeout=0, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        probe.close()
 
 
 def test_sigterm_lets_a_running_execution_finish(make_user, workers, model_server):

@@ -6,7 +6,9 @@ the server answers with `default` (if set) or HTTP 500. A turn is a dict:
 - `{"content": "text"}`: a final answer.
 - `{"tool_calls": [{"name": "shell", "arguments": {...}}]}`: ask for tool calls (`arguments` may
   be a dict, or a string sent as is, e.g. invalid JSON; `id` is optional).
-- `"delay"`: seconds to wait before answering; `"status"`: answer with that HTTP error status;
+- `"delay"`: seconds to wait before answering; `"hold"`: a `threading.Event` to wait for before
+  answering (at most `HOLD_LIMIT_SECS`), so a test decides when a run gets its answer instead
+  of guessing a delay; `"status"`: answer with that HTTP error status;
   `"drop": True`: close the connection without answering (a transport error);
   `"usage": {"prompt_tokens": n, "completion_tokens": m}`.
 
@@ -30,6 +32,9 @@ from typing import Any
 
 Turn = dict[str, Any]
 DEFAULT_USAGE = {"prompt_tokens": 10, "completion_tokens": 5}
+# A held answer is sent anyway after this long: a test that never releases it fails on what the
+# late answer did, instead of hanging.
+HOLD_LIMIT_SECS = 60.0
 
 
 class _Server(ThreadingHTTPServer):
@@ -183,6 +188,8 @@ class _Handler(BaseHTTPRequestHandler):
         if turn is None:
             self._send(500, {"error": {"message": "the script is used up"}})
             return
+        if turn.get("hold") is not None:
+            turn["hold"].wait(timeout=HOLD_LIMIT_SECS)
         if turn.get("delay"):
             time.sleep(float(turn["delay"]))
         if turn.get("drop"):
