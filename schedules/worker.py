@@ -3,8 +3,10 @@
 - The main loop recovers expired leases, claims due occurrences into free slots, and otherwise
   sleeps until the next due time (at most `tick_secs`); the sleep is a self-pipe `select`, woken
   by a signal, by a finishing execution, or by a PostgreSQL NOTIFY on `picobot_schedules`.
-- Each claimed execution runs in its own daemon thread through `executor.execute`, then
-  `claims.complete` writes the result in one fenced transaction.
+- Each claimed execution runs on an execution slot (a daemon thread, at most `concurrency`)
+  through `executor.execute`, then `claims.complete` writes the result in one fenced
+  transaction. Slots outlive their runs, so a run reuses the slot's database connection
+  instead of opening one.
 - The monitor thread, every half second, reads cancellation requests for this worker's running
   executions (one primary-key read), enforces deadlines (cancelling the RunControl kills shell
   subprocesses), and every third of `lease_secs` renews the leases; a renewal that finds the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import select
 import signal
 import socket
@@ -31,7 +34,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connection
+from django.db import DatabaseError, connection
 
 from kernel.context import RunControl
 from schedules import claims, executor, metrics
@@ -49,6 +52,24 @@ PURGE_EVERY_SECS = 3600.0
 # before the main thread releases them itself.
 CANCEL_SETTLE_SECS = 3.0
 NOTIFY_CHANNEL = claims.WAKE_CHANNEL
+# A slot's database connection left idle longer than this is checked before a run uses it, so a
+# server restart or an idle timeout costs a reconnect, not the run's result.
+CONNECTION_CHECK_AFTER_SECS = 10.0
+
+
+def _keep_connection_if_clean() -> None:
+    """After a run: keep this thread's connection for the next run unless a database error may
+    have broken it or a transaction was left open."""
+    if connection.connection is None:
+        return
+    if connection.errors_occurred or connection.in_atomic_block or not connection.get_autocommit():
+        connection.close()
+
+
+def _drop_unusable_connection() -> None:
+    with contextlib.suppress(DatabaseError):
+        if connection.connection is not None and not connection.is_usable():
+            connection.close()
 
 
 class Waker:
@@ -82,7 +103,6 @@ class Waker:
 class Running:
     claim: claims.Claim
     control: RunControl
-    thread: threading.Thread
     started: float
 
 
@@ -108,6 +128,8 @@ class Worker:
         self._monitor_stop = threading.Event()
         self._next_purge = 0.0
         self._listener: Any = None
+        self._queue: queue.SimpleQueue[tuple[claims.Claim, RunControl] | None] = queue.SimpleQueue()
+        self._slots: list[threading.Thread] = []
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -129,6 +151,7 @@ class Worker:
         finally:
             self._monitor_stop.set()
             monitor.join(timeout=5)
+            self._stop_slots()
             self._unlisten()
             connection.close()
         logger.info("worker %s stopped", self.worker_id)
@@ -228,21 +251,48 @@ class Worker:
 
     def _start(self, claim: claims.Claim) -> None:
         control = RunControl.with_timeout(claim.timeout_secs)
-        thread = threading.Thread(
-            target=self._execute,
-            args=(claim, control),
-            name=f"execution-{claim.execution_id}",
-            daemon=True,
-        )
         with self._lock:
-            self.running[claim.execution_id] = Running(claim, control, thread, time.monotonic())
+            self.running[claim.execution_id] = Running(claim, control, time.monotonic())
             metrics.RUNNING.set(len(self.running))
-        thread.start()
+            # A slot is busy exactly while its run is in `running`, so with at least as many
+            # slots as runs every queued run has an idle slot waiting for it.
+            if len(self._slots) < len(self.running):
+                slot = threading.Thread(
+                    target=self._serve_slot, name=f"execution-slot-{len(self._slots)}", daemon=True
+                )
+                self._slots.append(slot)
+                slot.start()
+        self._queue.put((claim, control))
+
+    def _serve_slot(self) -> None:
+        """An execution slot: run what `_start` queues, one at a time, for the worker's life."""
+        name = threading.current_thread().name
+        idle_since = time.monotonic()
+        while True:
+            work = self._queue.get()
+            if work is None:
+                connection.close()
+                return
+            claim, control = work
+            threading.current_thread().name = f"execution-{claim.execution_id}"
+            if time.monotonic() - idle_since > CONNECTION_CHECK_AFTER_SECS:
+                _drop_unusable_connection()
+            self._execute(claim, control)
+            threading.current_thread().name = name
+            idle_since = time.monotonic()
+
+    def _stop_slots(self) -> None:
+        """End the idle slots, closing their connections (a slot still stuck in a run keeps its
+        thread; the process exits without it)."""
+        for _ in self._slots:
+            self._queue.put(None)
+        deadline = time.monotonic() + (0.0 if self.running_count() else 5.0)
+        for slot in self._slots:
+            slot.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _execute(self, claim: claims.Claim, control: RunControl) -> None:
         started = time.monotonic()
         try:
-            close_old_connections()
             outcome = executor.execute(
                 claim, control, lambda: claims.holds_claim(claim.job_id, claim.token)
             )
@@ -262,10 +312,10 @@ class Worker:
                 claim.owner_id,
             )
         finally:
+            _keep_connection_if_clean()
             with self._lock:
                 self.running.pop(claim.execution_id, None)
                 metrics.RUNNING.set(len(self.running))
-            connection.close()
             self._waker.wake()
 
     # --- the monitor thread --------------------------------------------------------------------
