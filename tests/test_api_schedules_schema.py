@@ -224,9 +224,11 @@ def fuzz(operation, mode, headers, job_ids, seen) -> None:
     turn = count()
 
     @given(case=operation.as_strategy(generation_mode=mode))
+    # No per-example deadline: one slow request on a loaded machine is not a failure (hypothesis
+    # would report it as one); pytest's timeout bounds a hang.
     @settings(
         max_examples=EXAMPLES_PER_OPERATION,
-        deadline=timedelta(seconds=5),
+        deadline=None,
         database=None,
         derandomize=True,
         suppress_health_check=list(HealthCheck),
