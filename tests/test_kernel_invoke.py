@@ -128,7 +128,7 @@ def test_a_slow_tool_times_out_without_stopping_the_run(make_user) -> None:
     result = kernel.invoke(
         "test_echo", {"text": "slow"}, context_for(make_user(), ["notify:*"], control=control)
     )
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # the tool's 0.5 s, not the run's 30 s
     assert result.decision == "error"
     assert "timed out" in result.content
     control.check()  # the run itself goes on
@@ -192,14 +192,14 @@ def test_a_shell_command_killed_by_cancelling_the_run_is_audited(make_user) -> N
     started = time.monotonic()
     try:
         with pytest.raises(Cancelled):
-            kernel.invoke("shell", {"command": "sleep", "args": ["5"]}, context)
+            kernel.invoke("shell", {"command": "sleep", "args": ["30"]}, context)
     finally:
         timer.cancel()
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 15  # far below the 30 s sleep: a load-proof bound
     row = ToolCall.objects.get()
     assert (row.tool, row.decision) == ("shell", "error")
     assert row.error == "stopped: cancelled by the owner"
-    assert row.arguments == {"command": "sleep", "args": ["5"]}
+    assert row.arguments == {"command": "sleep", "args": ["30"]}
 
 
 def test_a_failing_before_tool_call_hook_stops_the_call(make_user) -> None:

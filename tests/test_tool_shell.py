@@ -94,7 +94,7 @@ def test_a_command_past_its_timeout_is_killed(make_user, monkeypatch) -> None:
     monkeypatch.setattr(shell.Shell, "timeout_secs", 0.5)
     started = time.monotonic()
     result = run(make_user(), ["shell:sleep"], "sleep", "30")
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # far below the 30 s sleep: a load-proof bound
     assert result.decision == "error"
     assert "timed out" in result.content
 
@@ -105,7 +105,7 @@ def test_cancelling_the_run_kills_the_running_command(make_user) -> None:
     started = time.monotonic()
     with pytest.raises(Cancelled):
         run(make_user(), ["shell:sleep"], "sleep", "30", control=control)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # far below the 30 s sleep: a load-proof bound
 
 
 def test_a_nul_in_an_argument_is_refused(make_user) -> None:
