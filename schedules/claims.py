@@ -201,7 +201,11 @@ def _choose(now: datetime, cutoff: datetime, limit: int, result: ClaimResult) ->
     )
     if not candidates:
         return []
-    runs: dict[int, int] = {}
+    # Counted here, under the claim lock, in one query for every owner the loop may reach; with
+    # this claim's own picks added below, the count is exact.
+    runs = quotas.runs_in_window_by_owner(
+        {owner_id for _, owner_id, system in candidates if not system}, now
+    )
     picked: Tally[int] = Tally()
     chosen: list[int] = []
     for job_id, owner_id, system in candidates:
@@ -210,10 +214,7 @@ def _choose(now: datetime, cutoff: datetime, limit: int, result: ClaimResult) ->
         if running.get(owner_id, 0) + picked[owner_id] >= config.max_concurrent_per_user:
             continue
         if not system:
-            if owner_id not in runs:
-                runs[owner_id] = quotas.runs_in_window(owner_id, now)
-            # Counted here, under the claim lock, including this claim's own picks: exact.
-            if runs[owner_id] + picked[owner_id] >= config.max_runs_per_window:
+            if runs.get(owner_id, 0) + picked[owner_id] >= config.max_runs_per_window:
                 result.deferred += 1
                 metrics.DEFERRED.labels("max_runs_per_window").inc()
                 continue

@@ -6,10 +6,12 @@ exempt. Windows are rolling: [now - window_secs, now], as in the claim (`schedul
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.db.models import Count
 
 from .models import Execution, ExecutionStatus, Job
 
@@ -60,15 +62,29 @@ def check_can_create(owner: Any, now: datetime) -> None:
         )
 
 
+def _runs_in_window(now: datetime) -> Any:
+    # Skipped executions never ran and do not count; soft-deleted jobs' runs still do.
+    return Execution.objects.filter(started_at__gte=_window_start(now)).exclude(
+        status=ExecutionStatus.SKIPPED
+    )
+
+
 def runs_in_window(owner_id: int, now: datetime) -> int:
     """Executions of the owner's jobs started (claimed) in the rolling window.
 
     Skipped executions never ran and do not count; soft-deleted jobs' runs still do.
     """
-    return (
-        Execution.objects.filter(job__owner_id=owner_id, started_at__gte=_window_start(now))
-        .exclude(status=ExecutionStatus.SKIPPED)
-        .count()
+    return _runs_in_window(now).filter(job__owner_id=owner_id).count()
+
+
+def runs_in_window_by_owner(owner_ids: Iterable[int], now: datetime) -> dict[int, int]:
+    """`runs_in_window` for several owners in one query (owners with none are left out)."""
+    return dict(
+        _runs_in_window(now)
+        .filter(job__owner_id__in=set(owner_ids))
+        .values("job__owner_id")
+        .annotate(n=Count("id"))
+        .values_list("job__owner_id", "n")
     )
 
 
