@@ -88,6 +88,9 @@ class Claim:
     timeout_secs: int
     started_at: datetime
     lag_secs: float
+    # The owner row, read with the claimed job so the run need not fetch it again (None: the
+    # executor reads it).
+    owner: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -147,7 +150,8 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
         now = db_now()
         claimed_ids = _claim_rows(chosen, worker_id, now, cutoff)
         lease = timedelta(seconds=settings.PICOBOT.scheduler.lease_secs)
-        for job in Job.objects.filter(id__in=claimed_ids).order_by("next_run_at", "id"):
+        jobs = Job.objects.filter(id__in=claimed_ids).select_related("owner")
+        for job in jobs.order_by("next_run_at", "id"):
             claim = _start(job, worker_id, now, now + lease)
             if claim is None:
                 result.skipped += 1
@@ -323,6 +327,7 @@ def _start(job: Job, worker_id: str, now: datetime, lease_expires_at: datetime) 
         timeout_secs=job.timeout_secs,
         started_at=now,
         lag_secs=max(0.0, (now - job.next_run_at).total_seconds()),
+        owner=job.owner,
     )
 
 

@@ -74,7 +74,7 @@ def execute(claim: Claim, control: RunControl, holds_claim: Callable[[], bool]) 
     }
     with tracer.start_as_current_span("picobot.execution", attributes=attributes):
         try:
-            owner = User.objects.get(pk=claim.owner_id)
+            owner = claim.owner if claim.owner is not None else User.objects.get(pk=claim.owner_id)
             context = ToolContext(
                 user=owner,
                 capabilities=ScheduledRunCapabilities(claim.capabilities, owner),
