@@ -19,7 +19,7 @@ import random
 import re
 from collections import Counter as Tally
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -435,14 +435,29 @@ def complete(claim: Claim, outcome: Outcome) -> str:
         with transaction.atomic():
             now = db_now()
             job = _lock_held_job(claim.job_id, claim.token)
-            execution = Execution.objects.filter(pk=claim.execution_id).first()
-            if job is None or execution is None:
+            if job is None:
                 raise ClaimLost(f"job {claim.job_id} changed hands")
-            finish(job, execution, claim.token, outcome, now)
+            # `finish` writes the execution row fenced on token and `running`, so a row that is
+            # gone or already final raises ClaimLost there, as a read here would have.
+            finish(job, _execution_of(claim), claim.token, outcome, now)
     except ClaimLost:
         record_superseded(claim, outcome)
         return S.SUPERSEDED
     return outcome.status
+
+
+def _execution_of(claim: Claim) -> Execution:
+    """The claim's execution row as `_start` wrote it (the fields completion reads), unread."""
+    return Execution(
+        pk=claim.execution_id,
+        job_id=claim.job_id,
+        scheduled_for=claim.scheduled_for.astimezone(UTC),
+        attempt=claim.attempt,
+        status=S.RUNNING,
+        started_at=claim.started_at.astimezone(UTC),
+        claim_token=claim.token,
+        schedule_version=claim.schedule_version,
+    )
 
 
 def _lock_held_job(job_id: int, token: UUID) -> Job | None:
