@@ -162,12 +162,18 @@ class Worker:
             self._survive(self.handle_one_tick)
 
     def handle_one_tick(self) -> bool:
-        """Purge, recover, claim; sleep when there was nothing to claim. True if it claimed."""
+        """Purge, recover, claim; sleep when there was nothing to claim. True if it claimed.
+
+        One query (`claims.agenda`) says whether a lease expired and whether anything is due,
+        so an idle tick costs the database that query and nothing else."""
         self.handle_one_purge()
-        self.handle_one_recovery()
-        if self.handle_one_claim():
+        agenda = claims.agenda()
+        taken = time.monotonic()
+        # A recovered job may be due at once: then the agenda is stale, so ask again.
+        recovered = agenda.leases_expired() and self.handle_one_recovery()
+        if (recovered or agenda.due()) and self.handle_one_claim(known_due=not recovered):
             return True
-        self.idle()
+        self.idle(agenda, time.monotonic() - taken)
         return False
 
     def _run_once(self) -> None:
@@ -201,10 +207,17 @@ class Worker:
             self._waker.sleep(settings.PICOBOT.scheduler.tick_secs)
             return None
 
-    def handle_one_claim(self, *, due_before: datetime | None = None) -> bool:
-        """Claim due occurrences into the free slots; True if the claim did anything."""
+    def handle_one_claim(
+        self, *, due_before: datetime | None = None, known_due: bool = False
+    ) -> bool:
+        """Claim due occurrences into the free slots; True if the claim did anything.
+
+        `known_due`: the caller has just seen something due, so the read-only check that keeps
+        an idle worker off the claim lock is skipped."""
         free = self.concurrency - self.running_count()
-        if free <= 0 or self.stopping or not claims.anything_due(due_before):
+        if free <= 0 or self.stopping:
+            return False
+        if not known_due and not claims.anything_due(due_before):
             return False
         result = claims.claim_due(self.worker_id, free, due_before=due_before)
         for claim in result.claims:
@@ -226,19 +239,26 @@ class Worker:
             logger.info("purged %s executions and %s deleted jobs", executions, jobs)
         return True
 
-    def idle(self) -> None:
-        """Sleep until the next due time or lease expiry, at most tick_secs; interruptible."""
-        self._waker.sleep(self.idle_secs(), extra=self._listen_fds())
+    def idle(self, agenda: claims.Agenda | None = None, elapsed_secs: float = 0.0) -> None:
+        """Sleep until the next due time or lease expiry, at most tick_secs; interruptible.
+
+        `agenda` (read `elapsed_secs` ago) saves reading the next wake-up again."""
+        self._waker.sleep(self.idle_secs(agenda, elapsed_secs), extra=self._listen_fds())
         self._drain_notifies()
 
-    def idle_secs(self) -> float:
+    def idle_secs(self, agenda: claims.Agenda | None = None, elapsed_secs: float = 0.0) -> float:
         tick = float(settings.PICOBOT.scheduler.tick_secs)
         if self.running_count() >= self.concurrency:
             return tick  # a finishing execution wakes us
-        wake = claims.next_wakeup()
+        if agenda is None:
+            wake, now = claims.next_wakeup(), None
+        else:
+            wake, now = agenda.next_wakeup(), agenda.now
         if wake is None:
             return tick
-        delta = (wake - db_now()).total_seconds()
+        if now is None:
+            now = db_now()
+        delta = (wake - now).total_seconds() - elapsed_secs
         # Due already, yet the claim took nothing: the limits hold it back. Check again in a tick
         # rather than spin.
         return tick if delta <= 0 else min(tick, delta)
