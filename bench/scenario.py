@@ -1,8 +1,8 @@
 """One benchmark scenario in its own process (Django configured for one database).
 
     python -m bench.scenario DATABASE_URL WORKERS
-prints one JSON line: claims per second over a burst of due jobs, and the lag from due to start
-(p50/p99) for jobs that come due over time.
+prints one JSON line: claims per second over a burst of due jobs, the lag from due to start
+(p50/p99) for jobs that come due over time, and the queries per second of an idle worker.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ USERS = 20
 BURST_JOBS = 600
 STEADY_JOBS = 150
 STEADY_SPREAD_SECS = 15.0
+# The steady jobs come due this long after the workers start, so the lag measures a running
+# scheduler, not how long a Python process takes to import Django (seconds on a busy machine).
+STARTUP_SECS = 10.0
 CONFIG = """[scheduler]
 enabled = true
 tick_secs = 1
@@ -140,12 +143,25 @@ def main() -> None:
         claims_per_sec = (len(starts) - 1) / span if span > 0 else float("nan")
         # Steady: jobs come due over time; how late does each start?
         users = reset()
-        add_jobs(users, STEADY_JOBS, db_now() + timedelta(seconds=3), STEADY_SPREAD_SECS)
+        first_due = db_now() + timedelta(seconds=STARTUP_SECS)
+        add_jobs(users, STEADY_JOBS, first_due, STEADY_SPREAD_SECS)
         run_workers(env, workers, STEADY_JOBS, 600)
         lags = [
             (started - scheduled).total_seconds()
             for started, scheduled in Execution.objects.values_list("started_at", "scheduled_for")
         ]
+        # Idle: jobs exist but none is due for an hour; how often does a worker ask?
+        users = reset()
+        add_jobs(users, STEADY_JOBS, db_now() + timedelta(hours=1), 0)
+        idle = subprocess.run(
+            [sys.executable, "-m", "bench.idle", url, str(config)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        idle_qps = json.loads(idle.stdout.strip().splitlines()[-1])["idle_queries_per_sec"]
         server.stop()
         reset()
     print(
@@ -157,6 +173,7 @@ def main() -> None:
                 "steady_jobs": len(lags),
                 "lag_p50_ms": round(statistics.median(lags) * 1000),
                 "lag_p99_ms": round(percentile(lags, 0.99) * 1000),
+                "idle_queries_per_sec": idle_qps,
             }
         )
     )
