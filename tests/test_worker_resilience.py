@@ -60,14 +60,15 @@ def test_a_new_schedule_wakes_an_idle_postgresql_worker_before_its_tick(
         workers.start(worker_id="sleeper")
         wait_until(lambda: "started:" in workers.logs(), what="the worker to start")
         time.sleep(0.5)  # let it settle into its (60 s) idle sleep
-        run_at = (db_now() + timedelta(seconds=1)).isoformat()
+        # A few seconds ahead, so that it is still in the future when validated on a slow machine.
+        run_at = (db_now() + timedelta(seconds=3)).isoformat()
         job = lifecycle.create_job(
             owner, {"prompt": "p", "schedule_type": "once", "run_at": run_at}
         )
         # Without the wake-up the worker would sleep out its 60 s tick first.
         wait_until(
             lambda: Execution.objects.filter(job=job, status=ExecutionStatus.SUCCEEDED).exists(),
-            timeout=20,
+            timeout=30,
             what="the new schedule to run",
         )
     finally:
