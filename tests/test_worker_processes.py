@@ -153,7 +153,9 @@ def test_a_worker_killed_mid_run_loses_its_occurrence_to_another_worker(
     model_server.add({"content": "never delivered", "delay": 60})
     model_server.reply_always("second time lucky")
     job = due_job(make_user())
-    group = workers(lease_secs=2, backoff_base_secs=1, backoff_max_secs=1)
+    # A lease long enough that a loaded machine cannot stall the doomed worker's renewals past
+    # it before the kill (it would then recover its own run and the history would differ).
+    group = workers(lease_secs=6, backoff_base_secs=1, backoff_max_secs=1)
     doomed = group.start(worker_id="doomed")
     wait_until(asked_model(model_server), 30, "the run to reach the model")
     doomed.kill()
