@@ -171,8 +171,13 @@ class Worker:
         taken = time.monotonic()
         # A recovered job may be due at once: then the agenda is stale, so ask again.
         recovered = agenda.leases_expired() and self.handle_one_recovery()
-        if (recovered or agenda.due()) and self.handle_one_claim(known_due=not recovered):
-            return True
+        if recovered or agenda.due():
+            if self.handle_one_claim(known_due=not recovered):
+                return True
+            # The claim took nothing (another worker was first, or the limits hold it back), so
+            # the agenda is stale: idle reads the next wake-up afresh.
+            self.idle()
+            return False
         self.idle(agenda, time.monotonic() - taken)
         return False
 
@@ -242,7 +247,7 @@ class Worker:
     def idle(self, agenda: claims.Agenda | None = None, elapsed_secs: float = 0.0) -> None:
         """Sleep until the next due time or lease expiry, at most tick_secs; interruptible.
 
-        `agenda` (read `elapsed_secs` ago) saves reading the next wake-up again."""
+        `agenda` (read `elapsed_secs` ago, and still current) saves reading it again."""
         self._waker.sleep(self.idle_secs(agenda, elapsed_secs), extra=self._listen_fds())
         self._drain_notifies()
 
@@ -251,14 +256,11 @@ class Worker:
         if self.running_count() >= self.concurrency:
             return tick  # a finishing execution wakes us
         if agenda is None:
-            wake, now = claims.next_wakeup(), None
-        else:
-            wake, now = agenda.next_wakeup(), agenda.now
+            agenda, elapsed_secs = claims.agenda(), 0.0
+        wake = agenda.next_wakeup()
         if wake is None:
             return tick
-        if now is None:
-            now = db_now()
-        delta = (wake - now).total_seconds() - elapsed_secs
+        delta = (wake - agenda.now).total_seconds() - elapsed_secs
         # Due already, yet the claim took nothing: the limits hold it back. Check again in a tick
         # rather than spin.
         return tick if delta <= 0 else min(tick, delta)
