@@ -351,24 +351,7 @@ class ScheduleSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Job
-        fields = (
-            "id",
-            "name",
-            "prompt",
-            "schedule_type",
-            "run_at",
-            "interval_secs",
-            "cron",
-            "timezone",
-            "capabilities",
-            "enabled",
-            "max_executions",
-            "timeout_secs",
-            "misfire",
-            "notify_on",
-            "notify_channels",
-            *READ_ONLY_FIELDS[1:],
-        )
+        fields = ("id", *WRITABLE_FIELDS, *READ_ONLY_FIELDS[1:])
         read_only_fields = fields
 
     @extend_schema_field(NextRunSerializer(many=True))
