@@ -271,17 +271,14 @@ def _start(job: Job, worker_id: str, now: datetime, lease_expires_at: datetime) 
             return None
     try:
         with transaction.atomic():
-            execution = Execution.objects.create(
-                job=job,
-                scheduled_for=scheduled_for,
+            execution = _create_execution(
+                job,
+                scheduled_for,
+                now,
                 attempt=attempt,
                 status=S.RUNNING,
-                started_at=now,
                 worker_id=worker_id,
                 claim_token=job.claim_token,
-                schedule_version=job.schedule_version,
-                prompt=job.prompt,
-                capabilities=list(job.capabilities or []),
                 missed_count=missed,
             )
     except IntegrityError:
@@ -332,21 +329,31 @@ def _start(job: Job, worker_id: str, now: datetime, lease_expires_at: datetime) 
     )
 
 
+def _create_execution(job: Job, scheduled_for: datetime, now: datetime, **fields: Any) -> Execution:
+    """An execution of `job`'s occurrence at `scheduled_for`, with the prompt, capabilities and
+    version the job has now (what that occurrence runs with, whatever a later PATCH says)."""
+    return Execution.objects.create(
+        job=job,
+        scheduled_for=scheduled_for,
+        started_at=now,
+        schedule_version=job.schedule_version,
+        prompt=job.prompt,
+        capabilities=list(job.capabilities or []),
+        **fields,
+    )
+
+
 def _skip(job: Job, plan: Any, now: datetime) -> None:
     """Misfire policy `skip`: record the missed occurrence and move to the next future one."""
     assert job.claim_token is not None
     try:
         with transaction.atomic():
-            Execution.objects.create(
-                job=job,
-                scheduled_for=plan.scheduled_for,
-                attempt=1,
+            _create_execution(
+                job,
+                plan.scheduled_for,
+                now,
                 status=S.SKIPPED,
-                started_at=now,
                 finished_at=now,
-                schedule_version=job.schedule_version,
-                prompt=job.prompt,
-                capabilities=list(job.capabilities or []),
                 missed_count=plan.missed_count,
                 error="skipped by the misfire policy: later occurrences were already due",
             )
