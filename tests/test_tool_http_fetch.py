@@ -135,7 +135,7 @@ def test_a_decimal_form_ip_is_refused(make_user, server) -> None:
     assert server.requests == []
 
 
-def test_a_wildcard_domain_grant_does_not_unlock_a_name_that_resolves_to_loopback(
+def test_no_grant_of_a_name_unlocks_a_name_that_resolves_to_loopback(
     make_user, server, monkeypatch
 ) -> None:
     real = socket.getaddrinfo
@@ -147,17 +147,19 @@ def test_a_wildcard_domain_grant_does_not_unlock_a_name_that_resolves_to_loopbac
 
     monkeypatch.setattr(socket, "getaddrinfo", fake)
     url = f"http://internal.example.com:{server.port}/"
-    result = fetch(make_user(), ["net:*.example.com"], url)
-    assert "resolves to a loopback address" in result.content
+    for grant in (["net:*.example.com"], ["net:internal.example.com"], ["net:*"]):
+        result = fetch(make_user(), [*grant, "net:127.0.0.1"], url)
+        assert result.decision == "error", grant
+        assert "resolves to a loopback address" in result.content
+        assert "a host name never unlocks it" in result.content
     assert server.requests == []
-    result = fetch(make_user(), ["net:internal.example.com"], url)
-    assert result.decision == "allowed"
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_a_scheduled_run_reaches_a_local_host_only_if_the_owners_grant_names_it(
-    make_user, server, host: str
+    make_user, server
 ) -> None:
+    host = "127.0.0.1"
+
     # The snapshot names the host exactly; a wildcard grant must not make that an exact grant.
     def fetch_as(owner: Any) -> Any:
         capabilities = ScheduledRunCapabilities([f"net:{host}"], owner)
@@ -240,20 +242,30 @@ def test_the_resolved_address_is_pinned_for_the_request(
     make_user, server, other_server, monkeypatch
 ) -> None:
     """A second DNS answer (rebinding) must not change where the request goes."""
-    real = socket.getaddrinfo
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.create_connection
     answers = 0
+    first, second = "93.184.216.34", "93.184.216.35"  # public: the address rule lets them by
+    routes = {first: server.port, second: other_server.port}
+    connected: list[str] = []
 
     def rebinding(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
         nonlocal answers
         if host != "rebind.test":
-            return real(host, port, *args, **kwargs)
+            return real_getaddrinfo(host, port, *args, **kwargs)
         answers += 1
-        target = server.port if answers == 1 else other_server.port
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", target))]
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", (first if answers == 1 else second, port))
+        ]
+
+    def recording_connect(address: Any, *args: Any, **kwargs: Any) -> Any:
+        connected.append(address[0])
+        return real_connect(("127.0.0.1", routes[address[0]]), *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(socket, "create_connection", recording_connect)
     result = fetch(make_user(), ["net:rebind.test"], f"http://rebind.test:{server.port}/pinned")
-    assert result.decision == "allowed"
+    assert result.decision == "allowed", result.content
+    assert connected == [first]
     assert server.requests == [{"path": "/pinned", "host": f"rebind.test:{server.port}"}]
     assert other_server.requests == []
 

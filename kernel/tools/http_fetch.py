@@ -2,9 +2,9 @@
 
 For the URL and for every redirect: the host must be allowed (`net:<host>`); the name is
 resolved once and the connection goes to that address (the Host header and TLS SNI carry the
-name), so a second, different DNS answer cannot redirect it; loopback, private, link-local,
-carrier-grade NAT, unspecified, multicast, reserved and IPv4-mapped/embedded addresses are
-refused unless that exact host is granted (`net:localhost`, `net:10.0.0.5`, not `net:*`).
+name), so a second, different DNS answer cannot redirect it. Which addresses may be reached is
+`kernel.netpolicy`'s rule: a non-public address only through a grant naming that IP literal
+(`net:10.0.0.5`, not `net:*`, never a host name), link-local and metadata addresses never.
 `http.client` is used directly, so proxy settings from the environment play no part.
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from kernel.context import ToolContext
+from kernel.netpolicy import Address, AddressRefused, resolve_allowed
 from kernel.permissions import InvalidPermission, Permission, parse_permission
 from kernel.tools import Tool, ToolError, ToolPermissionDenied, register
 
@@ -27,37 +28,6 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = "PicoBot/1 (+http_fetch)"
-
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def refused_reason(address: Address) -> str | None:
-    """Why `address` is not a public destination, or None when it is."""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return "an IPv4-mapped IPv6 address"
-        if address.sixtofour is not None or address.teredo is not None:
-            return "an IPv6 address embedding an IPv4 address"
-        if address in _NAT64 or address in _NAT64_LOCAL:
-            return "a NAT64 address"
-    checks = (
-        (address.is_loopback, "a loopback address"),
-        (address.is_unspecified, "an unspecified address"),
-        (address.is_link_local, "a link-local address"),
-        (address in _CGNAT, "a carrier-grade NAT address"),
-        (address.is_private, "a private address"),
-        (address.is_multicast, "a multicast address"),
-        (address.is_reserved, "a reserved address"),
-        (not address.is_global, "not a public address"),
-    )
-    for refused, reason in checks:
-        if refused:
-            return reason
-    return None
 
 
 class Target:
@@ -103,26 +73,12 @@ class Target:
 
 
 def resolve(target: Target, context: ToolContext) -> Address:
-    """The one address this hop connects to; refuses non-public answers without an exact grant."""
-    if target.address is not None:
-        addresses: list[Address] = [target.address]
-    else:
-        try:
-            infos = socket.getaddrinfo(target.connect_name, target.port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError):
-            raise ToolError(f"cannot resolve {target.host}") from None
-        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-        if not addresses:
-            raise ToolError(f"cannot resolve {target.host}")
-    exact = context.allows_exactly(target.permission())
-    for address in addresses:
-        reason = refused_reason(address)
-        if reason is not None and not exact:
-            raise ToolError(
-                f"refused: {target.host} resolves to {reason}; only an exact grant "
-                f"net:{target.host} allows that"
-            )
-    return addresses[0]
+    """The one address this hop connects to, by the project's address rule (`netpolicy`)."""
+    literal_granted = target.address is not None and context.allows_exactly(target.permission())
+    try:
+        return resolve_allowed(target.connect_name, target.port, literal_granted=literal_granted)[0]
+    except AddressRefused as exc:
+        raise ToolError(str(exc).replace(target.connect_name, target.host, 1)) from None
 
 
 def _connection(target: Target, address: Address, timeout: float) -> http.client.HTTPConnection:
