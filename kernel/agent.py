@@ -20,7 +20,7 @@ from opentelemetry import trace
 
 from kernel.context import ToolContext
 from kernel.kernel import ToolResult, kernel
-from kernel.tools import all_tools
+from kernel.tools import tool_specs
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("picobot.agent")
@@ -116,7 +116,7 @@ def run_agent(
     client = _client(config.request_timeout_secs)
     conversation: list[dict[str, Any]] = [*(history or []), {"role": "user", "content": prompt}]
     result = AgentResult(text="")
-    tools = [tool.spec() for tool in all_tools()]
+    tools = tool_specs()
     try:
         for turn in range(1, config.max_turns + 1):
             control.check()
@@ -176,7 +176,9 @@ def _complete(
         control.check()
         kwargs: dict[str, Any] = {"model": settings.PICOBOT_MODEL, "messages": messages}
         if tools:
-            kwargs["tools"] = tools
+            # As extra_body: the specs are plain JSON already, built once per process; as
+            # `tools=` the client would walk and copy them again on every request.
+            kwargs["extra_body"] = {"tools": tools}
         try:
             return client.chat.completions.create(
                 **kwargs, timeout=max(0.1, control.bounded(request_timeout))

@@ -98,6 +98,12 @@ class Job(models.Model):
                 name="job_lease_idx",
             ),
             models.Index(fields=["owner", "created_at"], name="job_owner_created_idx"),
+            # The schedules list: an owner's live jobs, newest first, read a page at a time.
+            models.Index(
+                fields=["owner", "-id"],
+                condition=Q(deleted_at__isnull=True),
+                name="job_owner_live_idx",
+            ),
         ]
         constraints = [
             models.UniqueConstraint(

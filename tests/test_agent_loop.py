@@ -14,7 +14,7 @@ from kernel.agent import AgentError, ModelNotConfigured, run_agent
 from kernel.context import Cancelled, DeadlineExceeded, RunControl, ToolContext
 from kernel.models import ToolCall
 from kernel.permissions import CapabilitySet, Permission, parse_permission
-from kernel.tools import Tool, register, unregister
+from kernel.tools import Tool, register, tool_specs, unregister
 
 pytestmark = pytest.mark.django_db
 
@@ -266,6 +266,55 @@ def test_a_cancelled_run_stops_before_the_next_tool_call(model_server, make_user
     row = ToolCall.objects.get()
     assert (row.tool, row.decision) == ("test_counter", "error")
     assert row.error == "stopped: cancelled by the owner"
+
+
+def test_the_tools_offered_follow_the_registry_while_their_specs_are_built_once(
+    model_server, context
+) -> None:
+    model_server.reply_always("ok")
+    run_agent("hi", context)
+    run_agent("hi", context)
+    first, second = (request["tools"] for request in model_server.requests)
+    assert first == second and "test_counter" in [t["function"]["name"] for t in first]
+    assert tool_specs() is tool_specs()
+    unregister("test_counter")
+    run_agent("hi", context)
+    assert "test_counter" not in [t["function"]["name"] for t in model_server.requests[-1]["tools"]]
+    register(CounterTool)
+    run_agent("hi", context)
+    assert "test_counter" in [t["function"]["name"] for t in model_server.requests[-1]["tools"]]
+
+
+def test_the_model_server_sends_its_answers_without_waiting_on_nagle(model_server) -> None:
+    # Headers and body go out in two writes: with Nagle on, the body waits ~40 ms for the
+    # client's delayed ACK. Checked on the socket option rather than timed.
+    import socket
+
+    seen: list[int] = []
+    handler = model_server._httpd.RequestHandlerClass
+    original = handler.setup
+
+    def setup(self: Any) -> None:
+        original(self)
+        seen.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    handler.setup = setup
+    try:
+        model_server.add({"content": "x"})
+        run_agent("hi", _plain_context())
+    finally:
+        handler.setup = original
+    assert seen and all(seen)
+
+
+def _plain_context() -> ToolContext:
+    from kernel.models import User
+
+    return ToolContext(
+        user=User.objects.create(username="nagle"),
+        capabilities=CapabilitySet([]),
+        control=RunControl.with_timeout(30),
+    )
 
 
 def test_the_model_server_records_what_it_received(model_server) -> None:

@@ -163,6 +163,9 @@ def completion(turn: Turn, model: str) -> dict[str, Any]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The headers and the body go out in two writes; with Nagle's algorithm on, the body then
+    # waits for the client's delayed ACK (~40 ms), so an "instant" answer would not be instant.
+    disable_nagle_algorithm = True
     server_owner: ScriptedModelServer
 
     def log_message(self, format: str, *args: Any) -> None:

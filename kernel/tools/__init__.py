@@ -65,6 +65,8 @@ class Tool:
 
 _registry: dict[str, Tool] = {}
 _lock = threading.Lock()
+# The `tools` list every model request sends, built once per registry state (see `tool_specs`).
+_specs: list[dict[str, Any]] | None = None
 
 
 def register(tool: Tool | type[Tool]) -> Any:
@@ -81,6 +83,7 @@ def register(tool: Tool | type[Tool]) -> Any:
         if existing is not None and type(existing).__qualname__ != type(instance).__qualname__:
             raise ValueError(f"a different tool is already registered as {instance.name!r}")
         _registry[instance.name] = instance
+        _forget_specs()
     return tool
 
 
@@ -88,6 +91,7 @@ def unregister(name: str) -> None:
     """Remove a tool (tests register throwaway tools)."""
     with _lock:
         _registry.pop(name, None)
+        _forget_specs()
 
 
 def get_tool(name: str) -> Tool:
@@ -100,6 +104,22 @@ def get_tool(name: str) -> Tool:
 def all_tools() -> list[Tool]:
     with _lock:
         return sorted(_registry.values(), key=lambda tool: tool.name)
+
+
+def tool_specs() -> list[dict[str, Any]]:
+    """Every registered tool's Chat Completions spec, sorted by name: built once and shared
+    until a tool is registered or removed. Callers must not change it."""
+    global _specs
+    with _lock:
+        if _specs is None:
+            tools = sorted(_registry.values(), key=lambda tool: tool.name)
+            _specs = [tool.spec() for tool in tools]
+        return _specs
+
+
+def _forget_specs() -> None:
+    global _specs
+    _specs = None
 
 
 def load_builtin_tools() -> None:
