@@ -343,8 +343,12 @@ def _ever_fires(plan: CronPlan) -> bool:
     return False
 
 
+@lru_cache(maxsize=4096)
 def describe_cron(expr: str) -> str:
-    """A human-readable description of a cron expression (the expression itself on failure)."""
+    """A human-readable description of a cron expression (the expression itself on failure).
+
+    Cached: the describer loads its translation catalogue on every call (~1 ms), and a list
+    page shows the same few expressions again and again."""
     try:
         from cron_descriptor import Options, get_description
 
