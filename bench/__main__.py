@@ -1,5 +1,5 @@
 """`make bench`: claims per second, lag from due to start and idle load, 1 and 4 workers, both
-databases.
+databases; and permission checks with hostile patterns (`bench.permissions`).
 
 Each scenario runs in its own process (`bench.scenario`) against its own database
 (picobot_bench), and the results are written to docs/benchmarks.md.
@@ -15,6 +15,8 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+
+from bench import permissions
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES_HEADING = "## Notes"
@@ -86,6 +88,7 @@ def main() -> None:
             f"| {name} | {r['workers']} | {r['claims_per_sec']} | {r['lag_p50_ms']} "
             f"| {r['lag_p99_ms']} | {r['idle_queries_per_sec']} |"
         )
+    lines += permissions.section()
     doc = ROOT / "docs" / "benchmarks.md"
     # Everything from the notes heading on is written by hand (history, analysis): kept.
     old = doc.read_text() if doc.exists() else ""

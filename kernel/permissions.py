@@ -13,13 +13,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import cache, lru_cache
 
 SCHEDULE_ACTIONS = frozenset({"create", "list", "update", "delete", "cancel"})
 NOTIFY_CHANNELS = frozenset({"whatsapp", "webhook", "console"})
+# Bounds on what a permission may be, so matching stays cheap whatever a user writes.
 MAX_PERMISSION_LENGTH = 1024
+MAX_PATH_COMPONENTS = 64
+MAX_WILDCARDS_PER_COMPONENT = 8
 
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _SHELL_COMMAND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -101,9 +103,18 @@ def _parse_filesystem(text: str, rest: str) -> Permission:
     components = [c for c in glob.split("/") if c]
     if any(c in ("..", ".") for c in components):
         raise InvalidPermission(f"{text!r}: path globs must not contain '..' or '.' components")
+    if len(components) > MAX_PATH_COMPONENTS:
+        raise InvalidPermission(
+            f"{text!r}: a path glob may have at most {MAX_PATH_COMPONENTS} components"
+        )
     for component in components:
         if "**" in component and component != "**":
             raise InvalidPermission(f"{text!r}: '**' must be a whole path component")
+        if component.count("*") > MAX_WILDCARDS_PER_COMPONENT:
+            raise InvalidPermission(
+                f"{text!r}: a path component may have at most {MAX_WILDCARDS_PER_COMPONENT} "
+                "'*' wildcards"
+            )
     # `**/**` means the same as `**`; collapsing keeps matching linear in the number of `**`.
     collapsed: list[str] = []
     for component in components:
@@ -200,42 +211,81 @@ def canonical_list(items: Iterable[object]) -> tuple[list[str], dict[int, str]]:
     return canonical, errors
 
 
-# --- containment ------------------------------------------------------------------------------
+# --- matching and containment -----------------------------------------------------------------
+#
+# Both are linear-ish whatever the patterns, and recursion-free: within one component a `*`-only
+# glob is matched by placing its literal pieces greedily left to right (`str.find`; leftmost is
+# always right for `*`), O(len(text) * len(pattern)) at worst; across components `**` is
+# simulated as a set of pattern positions advanced one path component at a time (an NFA), so a
+# path of n components against a pattern of m costs at most n * m component matches. Nothing
+# backtracks, and a deep path is a loop, not a call stack.
 
 _STAR = "\x00"  # stands for a `*` of the contained pattern; only a `*` of the container matches it
 
 
-@lru_cache(maxsize=4096)
-def _component_regex(pattern: str) -> re.Pattern[str]:
-    parts = (re.escape(piece) for piece in pattern.split("*"))
-    return re.compile("[^/]*".join(parts) + r"\Z", re.DOTALL)
+def _component_match(pattern: str, text: str) -> bool:
+    """True when `text` matches the one-component glob `pattern` (`*`: any run of characters)."""
+    if "*" not in pattern:
+        return pattern == text
+    if pattern == "*":
+        return True
+    head, *middle, tail = pattern.split("*")
+    if len(head) + len(tail) > len(text) or not text.startswith(head) or not text.endswith(tail):
+        return False
+    position, end = len(head), len(text) - len(tail)
+    for piece in middle:
+        if piece:
+            found = text.find(piece, position, end)
+            if found < 0:
+                return False
+            position = found + len(piece)
+    return True
 
 
 def _component_contains(container: str, contained: str) -> bool:
+    if contained == "**":
+        return False  # across components: only a `**` of the container covers it
     if container == contained or container == "*":
         return True
-    if "*" not in container:
-        return False
     # A `*` in the contained component may stand for any text; it is covered only if a `*` of
     # the container absorbs it, which the placeholder character enforces.
-    return bool(_component_regex(container).match(contained.replace("*", _STAR)))
+    return _component_match(container, contained.replace("*", _STAR))
 
 
-def _components_contain(container: tuple[str, ...], contained: tuple[str, ...]) -> bool:
-    """Whole-component glob containment; memoised so many `**` stay polynomial."""
-
-    @cache
-    def match(i: int, j: int) -> bool:
-        if i == len(container):
-            return j == len(contained)
-        head = container[i]
+def _globs_match(
+    pattern: tuple[str, ...], parts: Iterable[str], component_ok: Callable[[str, str], bool]
+) -> bool:
+    """Whole-component matching of `parts` against `pattern`, whose `**` matches any number of
+    components (each accepted by a `**` whatever `component_ok` says). A set simulation: bit i
+    of `states` says "the first i pattern components have matched the parts read so far"."""
+    accept = 1 << len(pattern)
+    globstars = 0
+    by_component: dict[str, int] = {}  # each distinct component: the positions holding it
+    for index, head in enumerate(pattern):
         if head == "**":
-            return any(match(i + 1, k) for k in range(j, len(contained) + 1))
-        if j == len(contained) or contained[j] == "**":
+            globstars |= 1 << index
+        else:
+            by_component[head] = by_component.get(head, 0) | 1 << index
+    states = _after_globstars(1, globstars)
+    for part in parts:
+        following = states & globstars  # a `**` consumes this part and stays
+        for head, positions in by_component.items():
+            live = states & positions
+            if live and component_ok(head, part):
+                following |= live << 1
+        if not following:
             return False
-        return _component_contains(head, contained[j]) and match(i + 1, j + 1)
+        states = _after_globstars(following, globstars)
+    return bool(states & accept)
 
-    return match(0, 0)
+
+def _after_globstars(states: int, globstars: int) -> int:
+    """`states` plus every position reached by letting `**` components match nothing."""
+    while True:
+        widened = states | ((states & globstars) << 1)
+        if widened == states:
+            return states
+        states = widened
 
 
 def _split(path: str) -> tuple[str, ...]:
@@ -243,14 +293,12 @@ def _split(path: str) -> tuple[str, ...]:
 
 
 def _path_contains(container: str, contained: str) -> bool:
-    return _components_contain(_split(container), _split(contained))
+    return _globs_match(_split(container), _split(contained), _component_contains)
 
 
 def path_matches(glob: str, path: str) -> bool:
     """True when the concrete absolute `path` matches `glob` (a literal `*` in a name matches)."""
-    pattern = _split(glob)
-    parts = tuple(p.replace("*", "\x01") for p in _split(path))
-    return _components_contain(pattern, parts)
+    return _globs_match(_split(glob), (c for c in path.split("/") if c), _component_match)
 
 
 def _is_ip_literal(host: str) -> bool:
