@@ -55,6 +55,8 @@ NOTIFY_CHANNEL = claims.WAKE_CHANNEL
 # A slot's database connection left idle longer than this is checked before a run uses it, so a
 # server restart or an idle timeout costs a reconnect, not the run's result.
 CONNECTION_CHECK_AFTER_SECS = 10.0
+# Pause between attempts to record a finished run while the database is unreachable.
+COMPLETION_RETRY_SECS = 0.5
 
 
 def _keep_connection_if_clean() -> None:
@@ -318,10 +320,7 @@ class Worker:
             outcome = executor.execute(
                 claim, control, lambda: claims.holds_claim(claim.job_id, claim.token)
             )
-            if outcome.status == S.SUPERSEDED:
-                claims.record_superseded(claim, outcome)
-            else:
-                claims.complete(claim, outcome)
+            self._record(claim, outcome)
             metrics.EXECUTION_DURATION.labels(claim.schedule_type).observe(
                 time.monotonic() - started
             )
@@ -339,6 +338,33 @@ class Worker:
                 self.running.pop(claim.execution_id, None)
                 metrics.RUNNING.set(len(self.running))
             self._waker.wake()
+
+    def _record(self, claim: claims.Claim, outcome: claims.Outcome) -> None:
+        """Write how the run ended, through a database outage (a server restart, a dropped
+        connection) of up to `lease_secs`: a result lost here would make the occurrence run
+        again once its lease expired. Retrying is safe because the write is fenced: if the
+        first attempt did commit, or another worker took the job over, it changes nothing."""
+        deadline = time.monotonic() + settings.PICOBOT.scheduler.lease_secs
+        while True:
+            try:
+                if outcome.status == S.SUPERSEDED:
+                    claims.record_superseded(claim, outcome)
+                else:
+                    claims.complete(claim, outcome)
+                return
+            except DatabaseError as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                logger.warning(
+                    "job=%s execution=%s user=%s: database error while recording %s (%s); retrying",
+                    claim.job_id,
+                    claim.execution_id,
+                    claim.owner_id,
+                    outcome.status,
+                    exc,
+                )
+                connection.close()
+                time.sleep(COMPLETION_RETRY_SECS)
 
     # --- the monitor thread --------------------------------------------------------------------
 

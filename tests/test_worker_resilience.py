@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from datetime import timedelta
 
@@ -72,4 +73,87 @@ def test_a_new_schedule_wakes_an_idle_postgresql_worker_before_its_tick(
             what="the new schedule to run",
         )
     finally:
+        workers.stop_all()
+
+
+def test_a_result_met_by_a_database_error_is_recorded_once_the_database_answers(
+    make_user, model_server, monkeypatch, picobot_config, restore_signals
+) -> None:
+    # A server restart or a dropped connection just as the run finishes: the result is written
+    # when the database answers again, not lost to an expired lease and run a second time.
+    picobot_config("scheduler", tick_secs=0.05, lease_secs=30)
+    model_server.reply_always("done")
+    job = due_job(make_user())
+    real_complete = claims.complete
+    failures = {"left": 2}
+
+    def flaky_complete(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(claims, "complete", flaky_complete)
+    assert Worker(worker_id="steady", concurrency=1, once=True).run() == 0
+    assert failures["left"] == 0
+    assert list(Execution.objects.filter(job=job).values_list("status", "attempt")) == [
+        (ExecutionStatus.SUCCEEDED, 1)
+    ]
+    assert len(model_server.requests) == 1
+
+
+def _terminate_other_backends() -> int:
+    """Cut every other connection to this test database (as a server restart would)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return cursor.fetchone()[0]
+
+
+def _listeners() -> list[int]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND query = %s",
+            [f"LISTEN {claims.WAKE_CHANNEL}"],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a PostgreSQL connection fault")
+def test_a_run_finishing_across_dropped_connections_is_recorded_once(
+    make_user, model_server, tmp_path
+) -> None:
+    release = threading.Event()
+    model_server.add(
+        {"tool_calls": [{"name": "shell", "arguments": {"command": "echo", "args": ["hi"]}}]},
+        {"content": "done", "hold": release},
+    )
+    owner = make_user(grant=["shell:echo"])
+    # The tool call gives the run's slot a database connection of its own to lose.
+    job = due_job(owner, capabilities=["shell:echo"])
+    workers = Workers(tmp_path, model_server.base_url, lease_secs=10)
+    try:
+        process = workers.start(worker_id="steady")
+        wait_until(lambda: len(model_server.requests) >= 2, 60, "the run's second model turn")
+        assert _terminate_other_backends() >= 1
+        release.set()
+        wait_until(
+            lambda: (
+                not Execution.objects.filter(job=job, status=ExecutionStatus.RUNNING).exists()
+                and Execution.objects.filter(job=job).exists()
+            ),
+            60,
+            "the run to end",
+        )
+        assert list(Execution.objects.filter(job=job).values_list("status", "attempt")) == [
+            (ExecutionStatus.SUCCEEDED, 1)
+        ]
+        assert len(model_server.requests) == 2
+        assert process.poll() is None
+    finally:
+        release.set()
         workers.stop_all()
