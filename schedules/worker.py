@@ -55,6 +55,8 @@ NOTIFY_CHANNEL = claims.WAKE_CHANNEL
 # A slot's database connection left idle longer than this is checked before a run uses it, so a
 # server restart or an idle timeout costs a reconnect, not the run's result.
 CONNECTION_CHECK_AFTER_SECS = 10.0
+# A lost LISTEN connection is opened again at most this often (the tick still wakes the loop).
+RELISTEN_SECS = 5.0
 # Pause between attempts to record a finished run while the database is unreachable.
 COMPLETION_RETRY_SECS = 0.5
 
@@ -130,6 +132,7 @@ class Worker:
         self._monitor_stop = threading.Event()
         self._next_purge = 0.0
         self._listener: Any = None
+        self._next_listen = 0.0
         self._queue: queue.SimpleQueue[tuple[claims.Claim, RunControl] | None] = queue.SimpleQueue()
         self._slots: list[threading.Thread] = []
 
@@ -250,7 +253,12 @@ class Worker:
         """Sleep until the next due time or lease expiry, at most tick_secs; interruptible.
 
         `agenda` (read `elapsed_secs` ago, and still current) saves reading it again."""
-        self._waker.sleep(self.idle_secs(agenda, elapsed_secs), extra=self._listen_fds())
+        secs = self.idle_secs(agenda, elapsed_secs)
+        fds = self._listen_fds()
+        if not fds and connection.vendor == "postgresql":
+            # Not listening (the server was away): a NOTIFY cannot wake us, so try again soon.
+            secs = min(secs, RELISTEN_SECS)
+        self._waker.sleep(secs, extra=fds)
         self._drain_notifies()
 
     def idle_secs(self, agenda: claims.Agenda | None = None, elapsed_secs: float = 0.0) -> float:
@@ -476,6 +484,7 @@ class Worker:
             return
         import psycopg
 
+        self._next_listen = time.monotonic() + RELISTEN_SECS
         params = connection.get_connection_params()
         params.pop("cursor_factory", None)
         params.pop("context", None)
@@ -484,17 +493,40 @@ class Worker:
             self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         except psycopg.Error:
             logger.warning("LISTEN %s failed; waking on the tick only", NOTIFY_CHANNEL)
-            self._listener = None
+            self._unlisten()
 
     def _listen_fds(self) -> list[Any]:
-        return [self._listener.fileno()] if self._listener is not None else []
+        """The listening socket to wait on. A listener lost to a server restart or a terminated
+        backend is dropped (its errors are psycopg's, not Django's, so they must not reach the
+        loop) and opened again here, at most every RELISTEN_SECS."""
+        if self._listener is None and self._next_listen <= time.monotonic():
+            self._listen()
+        if self._listener is None:
+            return []
+        try:
+            return [self._listener.fileno()]
+        except Exception:
+            self._lose_listener()
+            return []
 
     def _drain_notifies(self) -> None:
         if self._listener is None:
             return
-        with contextlib.suppress(Exception):
+        try:
             for _ in self._listener.notifies(timeout=0):
                 pass
+            if self._listener.broken or self._listener.closed:
+                raise ConnectionError("the LISTEN connection is closed")
+        except Exception:
+            # The connection is gone: its socket would otherwise stay readable and end every
+            # sleep at once.
+            self._lose_listener()
+
+    def _lose_listener(self) -> None:
+        """Drop a broken listener; the next idle opens a new one at once."""
+        logger.warning("LISTEN connection lost; listening again")
+        self._unlisten()
+        self._next_listen = 0.0
 
     def _unlisten(self) -> None:
         if self._listener is not None:

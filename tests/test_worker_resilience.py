@@ -157,3 +157,34 @@ def test_a_run_finishing_across_dropped_connections_is_recorded_once(
     finally:
         release.set()
         workers.stop_all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="LISTEN/NOTIFY is PostgreSQL's")
+def test_a_worker_whose_listen_connection_is_dropped_listens_again(
+    make_user, model_server, tmp_path
+) -> None:
+    model_server.reply_always("done")
+    owner = make_user(grant=["schedule:*"])
+    workers = Workers(tmp_path, model_server.base_url, tick_secs=60)
+    try:
+        process = workers.start(worker_id="listener")
+        [first] = wait_until(_listeners, 60, "the worker's LISTEN connection")
+        # As in a restart, the listening socket is closed under the worker (only that one here:
+        # a lost main connection costs the loop a tick, which is 60 s in this test).
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [first])
+        wait_until(lambda: _listeners() and _listeners() != [first], 30, "a new LISTEN")
+        run_at = (db_now() + timedelta(seconds=3)).isoformat()
+        job = lifecycle.create_job(
+            owner, {"prompt": "p", "schedule_type": "once", "run_at": run_at}
+        )
+        # Only the NOTIFY on the new connection can wake it before its 60 s tick.
+        wait_until(
+            lambda: Execution.objects.filter(job=job, status=ExecutionStatus.SUCCEEDED).exists(),
+            timeout=30,
+            what="the new schedule to run",
+        )
+        assert process.poll() is None
+    finally:
+        workers.stop_all()
