@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PICOBOT_TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/picobot
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-sqlite test-postgres lint bench clean
+.PHONY: install run test test-sqlite test-postgres lint bench soak clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ test-postgres: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Executions under sustained faults (bench/soak.py): SOAK_EXECUTIONS, SOAK_DURATION_SECS,
+# SOAK_WORKERS, SOAK_DATABASE=postgres|sqlite (PostgreSQL runs a private cluster of its own).
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -22,6 +22,7 @@ threaded and keeps connections alive, so many concurrent clients (worker process
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import uuid
@@ -41,6 +42,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
     allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up (a run cancelled or its worker killed mid-request) is normal
+        # here; anything else is still printed.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class ScriptedModelServer:
