@@ -242,3 +242,96 @@ def test_large_files_are_truncated(make_user, area) -> None:
         path=f"{area}/allowed/big.txt",
     )
     assert "truncated" in result.content
+
+
+@pytest.fixture
+def project(tmp_path: Path, settings) -> Path:
+    """A project directory like `make run` leaves it: code, a virtualenv, secret files."""
+    root = tmp_path / "project"
+    (root / ".venv" / "lib").mkdir(parents=True)
+    (root / "kernel").mkdir()
+    (root / "kernel" / "tools.py").write_text("SAFE = True\n")
+    (root / ".venv" / "lib" / "site.py").write_text("SAFE = True\n")
+    (root / ".secret_key").write_text("django-secret\n")
+    (root / ".admin_password").write_text("admin-password\n")
+    settings.BASE_DIR = root
+    return root
+
+
+def test_the_admin_password_file_is_refused_like_the_secret_key(make_user, project) -> None:
+    os.link(project / ".admin_password", project.parent / "innocent.txt")
+    os.symlink(project / ".admin_password", project.parent / "link.txt")
+    for name in (".admin_password", ".secret_key"):
+        path = str(project / name)
+        result = invoke(make_user(), ["filesystem:read:/**"], "filesystem_read", path=path)
+        assert result.decision == "error" and "always refused" in result.content, name
+        assert "password" not in result.content.split("error:")[-1].replace("admin password", "")
+    for path in (project.parent / "innocent.txt", project.parent / "link.txt"):
+        result = invoke(make_user(), ["filesystem:read:/**"], "filesystem_read", path=str(path))
+        assert result.decision == "error", path
+        assert "admin-password" not in result.content
+
+
+@pytest.mark.parametrize(
+    "relative", ["kernel/tools.py", ".venv/lib/site.py", "picobot.toml", "new/../evil.py"]
+)
+def test_writes_anywhere_in_the_project_directory_are_refused(make_user, project, relative) -> None:
+    target = project / relative
+    before = target.read_text() if target.exists() else None
+    result = invoke(
+        make_user(), ["filesystem:write:/**"], "filesystem_write", path=str(target), content="X"
+    )
+    assert result.decision == "error" and "project directory" in result.content
+    assert (target.read_text() if target.exists() else None) == before
+    assert not (project / "picobot.toml").exists() and not (project / "evil.py").exists()
+
+
+def test_a_symlink_into_the_project_directory_is_refused_for_writes(make_user, project) -> None:
+    (project.parent / "elsewhere").symlink_to(project / "kernel")
+    result = invoke(
+        make_user(),
+        ["filesystem:write:/**"],
+        "filesystem_write",
+        path=str(project.parent / "elsewhere" / "tools.py"),
+        content="X",
+    )
+    assert result.decision == "error"
+    assert (project / "kernel" / "tools.py").read_text() == "SAFE = True\n"
+
+
+def test_the_project_directory_is_refused_by_identity_too(make_user, project, monkeypatch) -> None:
+    # The path check alone is not trusted: a second name for the directory (a bind mount) has
+    # another path but the same device and inode, which the walk checks before creating a file.
+    monkeypatch.setattr(filesystem, "refuse_project_path", lambda path: None)
+    result = invoke(
+        make_user(),
+        ["filesystem:write:/**"],
+        "filesystem_write",
+        path=str(project / "kernel" / "planted.py"),
+        content="X",
+    )
+    assert result.decision == "error" and "project directory" in result.content
+    assert not (project / "kernel" / "planted.py").exists()
+
+
+def test_writes_beside_the_project_directory_still_work(make_user, project) -> None:
+    target = project.parent / "project-notes.txt"  # a name that starts like the project's
+    result = invoke(
+        make_user(), ["filesystem:write:/**"], "filesystem_write", path=str(target), content="ok"
+    )
+    assert result.decision == "allowed" and target.read_text() == "ok"
+
+
+def test_the_project_directory_is_refused_by_path_alone_too(
+    make_user, project, monkeypatch
+) -> None:
+    monkeypatch.setattr(filesystem, "refuse_project_directory", lambda fd: None)
+    result = invoke(
+        make_user(),
+        ["filesystem:write:/**"],
+        "filesystem_write",
+        path=str(project / "picobot.toml"),
+        content="[scheduler]\nenabled = true\n",
+    )
+    assert result.decision == "error" and "project directory" in result.content
+    assert not (project / "picobot.toml").exists()

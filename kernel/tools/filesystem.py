@@ -3,14 +3,17 @@
 The permission is checked against the real path (`..` and symlinks resolved). The file is then
 opened by walking that real path from `/` one component at a time with O_NOFOLLOW, so a
 component swapped for a symlink after the check makes the open fail instead of escaping. The
-database file, the config file, the secret key file and `/proc` are refused whatever the grant,
-by path and by identity (device and inode, so a hard link does not get around it).
+database file, the config file, the secret key file, the admin password file and `/proc` are
+refused whatever the grant, by path and by identity (device and inode, so a hard link does not
+get around it). Writes anywhere in the project directory (its code, its virtualenv, a config
+file dropped there) are refused too, by real path and by the identity of the directory opened.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -37,8 +40,20 @@ def real_path(raw: str) -> str:
     return os.path.realpath(raw)
 
 
+PROTECTED_MESSAGE = (
+    "access to this file is always refused (database, config, secret key or admin password)"
+)
+PROJECT_MESSAGE = "writing in the project directory is always refused"
+
+
+def project_dir() -> str:
+    """The real path of the project directory (code, virtualenv, local config and secrets)."""
+    return os.path.realpath(settings.BASE_DIR)
+
+
 def protected_paths() -> list[str]:
-    """Files no tool may touch: the database (with its SQLite side files), config, secret key."""
+    """Files no tool may touch: the database (with its SQLite side files), config, secret key,
+    the admin password file that `make run` writes."""
     paths: list[str] = []
     for database in settings.DATABASES.values():
         if "sqlite" in str(database.get("ENGINE", "")):
@@ -52,6 +67,7 @@ def protected_paths() -> list[str]:
     if config_path:
         paths.append(os.path.realpath(config_path))
     paths.append(os.path.realpath(Path(settings.BASE_DIR) / ".secret_key"))
+    paths.append(os.path.realpath(Path(settings.BASE_DIR) / ".admin_password"))
     return paths
 
 
@@ -59,7 +75,25 @@ def refuse_protected_path(path: str) -> None:
     if path == "/proc" or path.startswith("/proc/"):
         raise ToolError("access to /proc is always refused")
     if path in protected_paths():
-        raise ToolError("access to this file is always refused (database, config or secret key)")
+        raise ToolError(PROTECTED_MESSAGE)
+
+
+def refuse_project_path(path: str) -> None:
+    root = project_dir()
+    if path == root or path.startswith(root.rstrip("/") + "/"):
+        raise ToolError(PROJECT_MESSAGE)
+
+
+def refuse_project_directory(directory_fd: int) -> None:
+    """Refuse an opened directory that is the project directory (also under another name, such
+    as a bind mount); called on every directory walked, so anything inside it is refused."""
+    try:
+        root = os.stat(project_dir())
+    except OSError:
+        return
+    here = os.fstat(directory_fd)
+    if (here.st_dev, here.st_ino) == (root.st_dev, root.st_ino):
+        raise ToolError(PROJECT_MESSAGE)
 
 
 def refuse_protected_file(fd: int) -> None:
@@ -71,19 +105,28 @@ def refuse_protected_file(fd: int) -> None:
         except OSError:
             continue
         if (protected.st_dev, protected.st_ino) == (opened.st_dev, opened.st_ino):
-            raise ToolError(
-                "access to this file is always refused (database, config or secret key)"
-            )
+            raise ToolError(PROTECTED_MESSAGE)
 
 
-def open_without_symlinks(path: str, flags: int, mode: int = 0o666) -> int:
-    """Open the real path `path`, refusing a symlink anywhere along it (no TOCTOU escape)."""
+def open_without_symlinks(
+    path: str,
+    flags: int,
+    mode: int = 0o666,
+    check_directory: Callable[[int], None] | None = None,
+) -> int:
+    """Open the real path `path`, refusing a symlink anywhere along it (no TOCTOU escape).
+
+    `check_directory`, when given, is called with each directory opened on the way (from `/`
+    to the file's directory) before the file itself is opened or created; it raises to refuse.
+    """
     parts = [part for part in path.split("/") if part]
     if not parts:
         raise ToolError("the path names a directory")
     directory = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in parts[:-1]:
+            if check_directory is not None:
+                check_directory(directory)
             next_directory = os.open(
                 part,
                 os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -91,6 +134,8 @@ def open_without_symlinks(path: str, flags: int, mode: int = 0o666) -> int:
             )
             os.close(directory)
             directory = next_directory
+        if check_directory is not None:
+            check_directory(directory)
         return os.open(
             parts[-1],
             flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK,
@@ -202,6 +247,7 @@ class FilesystemWrite(Tool):
         path = real_path(args["path"])
         _require(context, _path_permission("write", path))
         refuse_protected_path(path)
+        refuse_project_path(path)
         try:
             data = args["content"].encode("utf-8", errors="strict")
         except UnicodeEncodeError:
@@ -210,7 +256,9 @@ class FilesystemWrite(Tool):
             raise ToolError(f"the content is larger than {MAX_WRITE_BYTES} bytes")
         # No O_TRUNC: nothing is changed until the opened file is known to be an ordinary,
         # unprotected file.
-        fd = open_without_symlinks(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = open_without_symlinks(
+            path, os.O_WRONLY | os.O_CREAT, 0o644, check_directory=refuse_project_directory
+        )
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ToolError("only regular files can be written")
