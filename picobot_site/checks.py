@@ -37,3 +37,28 @@ def check_public_url(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
             )
         ]
     return []
+
+
+@register("picobot")
+def check_shell_sandbox(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
+    from kernel import sandbox
+
+    reason = sandbox.unavailable_reason()
+    if reason is None:
+        return []
+    if settings.PICOBOT.kernel.allow_unconfined_shell:
+        message = (
+            f"The shell tool runs programs UNCONFINED: this kernel cannot sandbox them ({reason}) "
+            "and [kernel] allow_unconfined_shell is true. A program's arguments can then read "
+            "any file the server can (date -f FILE) and reach the network."
+        )
+    else:
+        message = f"The shell tool is refused: this kernel cannot sandbox programs ({reason})."
+    return [
+        Warning(
+            message,
+            hint="Run on Linux 5.13 or later with Landlock enabled and unprivileged user "
+            "namespaces allowed (kernel.unprivileged_userns_clone=1).",
+            id="picobot.W003",
+        )
+    ]

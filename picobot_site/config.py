@@ -84,11 +84,18 @@ class NotificationsConfig:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    # Run `shell` without the operating-system sandbox where this kernel cannot provide one.
+    allow_unconfined_shell: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     heartbeats: HeartbeatsConfig = field(default_factory=HeartbeatsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
     path: str | None = None
 
 
@@ -173,6 +180,8 @@ _NOTIFICATIONS_KEYS: dict[str, Validator] = {
     name: _positive_int for name in NotificationsConfig.__dataclass_fields__
 }
 
+_KERNEL_KEYS: dict[str, Validator] = {"allow_unconfined_shell": _bool}
+
 _HEARTBEAT_KEYS: dict[str, Validator] = {
     "enabled": _bool,
     "default_interval_secs": _positive_int,
@@ -248,6 +257,7 @@ _SECTIONS: dict[str, Callable[[Any], Any]] = {
     "notifications": lambda raw: NotificationsConfig(
         **_section("notifications", raw, _NOTIFICATIONS_KEYS)
     ),
+    "kernel": lambda raw: KernelConfig(**_section("kernel", raw, _KERNEL_KEYS)),
 }
 
 

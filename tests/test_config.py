@@ -31,6 +31,15 @@ def test_an_unknown_key_is_named() -> None:
         parse_config({"scheduler": {"max_concurent": 3}})
 
 
+def test_unconfined_shell_is_off_unless_the_operator_opts_in() -> None:
+    assert parse_config({}).kernel.allow_unconfined_shell is False
+    assert parse_config({"kernel": {}}).kernel.allow_unconfined_shell is False
+    opted_in = parse_config({"kernel": {"allow_unconfined_shell": True}})
+    assert opted_in.kernel.allow_unconfined_shell is True
+    with pytest.raises(ConfigError, match=r"unknown key kernel\.allow_unconfined"):
+        parse_config({"kernel": {"allow_unconfined": True}})
+
+
 def test_an_unknown_section_is_named() -> None:
     with pytest.raises(ConfigError, match=r"unknown section \[shceduler\]"):
         parse_config({"shceduler": {}})
@@ -44,6 +53,8 @@ def test_an_unknown_section_is_named() -> None:
         ("scheduler", "lease_secs", True, "must be an integer"),
         ("scheduler", "max_concurrent", 1.5, "must be an integer"),
         ("model", "max_turns", [], "must be an integer"),
+        ("kernel", "allow_unconfined_shell", "true", "must be true or false"),
+        ("kernel", "allow_unconfined_shell", 1, "must be true or false"),
     ],
 )
 def test_a_value_of_the_wrong_type_is_named(

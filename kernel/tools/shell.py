@@ -3,7 +3,11 @@
 The executable is looked up only on `SAFE_PATH` (never the environment's PATH), runs with argv
 only, an empty environment, stdin closed, a fresh scratch directory as its working directory and
 its own process group, which a timeout, the output cap or `RunControl.cancel` kill as a whole.
-Granting an interpreter (python, sh, git, find...) is equivalent to `shell:*`.
+Arguments cannot be made safe (`date -f FILE`, `tar --checkpoint-action=exec`, `sed e`), so the
+program is confined by the operating system through `kernel.sandbox_exec` (see
+`kernel.sandbox` for what it may touch); where the kernel cannot confine, the tool refuses
+unless the operator set `[kernel] allow_unconfined_shell`. Either way the program dies with the
+thread that started it (PR_SET_PDEATHSIG), and confined, with every process it started.
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ import tempfile
 import threading
 from typing import IO, Any
 
+from django.conf import settings
+
+from kernel import sandbox, sandbox_exec
 from kernel.context import ToolContext, kill_process_group
 from kernel.permissions import Permission, parse_permission
 from kernel.tools import Tool, ToolError, register
+from kernel.tools.filesystem import project_dir, protected_paths
 
 SAFE_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
 MAX_OUTPUT_BYTES = 64 * 1024
@@ -86,9 +94,12 @@ class Shell(Tool):
             )
         control = context.control
         control.check()
+        confine = _must_confine()
         with tempfile.TemporaryDirectory(prefix="picobot-shell-") as scratch:
+            scratch = os.path.realpath(scratch)
+            spec = _spec(context, scratch, confine)
             process = subprocess.Popen(
-                [executable, *argv_tail],
+                sandbox.launcher_command(spec, [executable, *argv_tail]),
                 env={},
                 cwd=scratch,
                 stdin=subprocess.DEVNULL,
@@ -114,11 +125,38 @@ class Shell(Tool):
                 process.stdout.close()
         control.check()  # cancelled or past the deadline: the run stops, output is discarded
         output = bytes(collector.data).decode("utf-8", errors="replace")
+        if status == sandbox_exec.SETUP_FAILED and output.startswith(sandbox_exec.SETUP_PREFIX):
+            detail = output.removeprefix(sandbox_exec.SETUP_PREFIX).strip()
+            raise ToolError(
+                f"the sandbox could not be set up, so the program did not run: {detail}"
+            )
         if collector.overflowed:
             return f"{output}\n[output cut at {MAX_OUTPUT_BYTES} bytes; the program was killed]"
         if status is None:  # pragma: no cover (only without a deadline, which the Kernel sets)
             raise ToolError("the program timed out")
         return f"exit status {status}\n{output}"
+
+
+def _must_confine() -> bool:
+    """True when the program must run confined; raises when it cannot and may not run otherwise."""
+    reason = sandbox.unavailable_reason()
+    if reason is None:
+        return True
+    if settings.PICOBOT.kernel.allow_unconfined_shell:
+        return False
+    raise ToolError(
+        f"shell is refused: this server cannot confine programs ({reason}). The operator may "
+        "allow unconfined programs with [kernel] allow_unconfined_shell = true in the config."
+    )
+
+
+def _spec(context: ToolContext, scratch: str, confine: bool) -> dict[str, Any]:
+    if not confine:
+        return {"parent": os.getpid(), "confine": False}
+    try:
+        return sandbox.build_spec(context.capabilities, scratch, protected_paths(), project_dir())
+    except ValueError as exc:
+        raise ToolError(str(exc)) from None
 
 
 def kill_process_group_quietly(process: subprocess.Popen[Any]) -> None:
