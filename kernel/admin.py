@@ -145,13 +145,14 @@ class ToolCallAdmin(ReadOnlyAdmin):
         "created_at",
         "tool",
         "decision",
+        "status",
         "missing_permission",
         "user",
         "execution_id",
         "session_id",
         "duration_ms",
     )
-    list_filter = ("decision", "tool")
+    list_filter = ("decision", "status", "tool")
     search_fields = ("user__username", "tool", "missing_permission")
     list_select_related = ("user",)
     date_hierarchy = "created_at"

@@ -168,6 +168,7 @@ class ToolContext:
     `allows_exactly(Permission) -> bool`, tools use it for rules that need an exact grant
     (http_fetch to a private address). `before_tool_call`, when set, runs before each call; if it
     raises, the call does not run (the worker uses it to check it still holds its claim).
+    `audit_id` is the running call's audit row (a tool records its subprocess there).
     """
 
     user: User
@@ -178,6 +179,8 @@ class ToolContext:
     job_id: int | None = None
     before_tool_call: Callable[[], None] | None = None
     in_scheduled_run: bool = False
+    # Set by the Kernel while a tool runs: the id of the call's `started` audit row.
+    audit_id: int | None = None
 
     def allows_exactly(self, required: Permission) -> bool:
         exact = getattr(self.capabilities, "allows_exactly", None)

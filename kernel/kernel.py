@@ -3,7 +3,8 @@
 `Kernel.invoke` validates the arguments against the tool's schema, asks the tool which
 permissions this call needs, allows the call only if the context allows all of them, runs it
 under a timeout bounded by the run's deadline, wraps the output as untrusted data, and writes
-one `ToolCall` audit row whatever happened.
+one `ToolCall` audit row whatever happened. An allowed call's row is written (status `started`)
+before the tool runs and completed after, so no effect happens without a row.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from kernel.context import RunStopped, ToolContext
-from kernel.models import ToolCall, ToolDecision
+from kernel.models import ToolCall, ToolCallStatus, ToolDecision
 from kernel.permissions import InvalidPermission, Permission
 from kernel.tools import ToolError, ToolPermissionDenied, UnknownTool, get_tool
 
@@ -207,6 +208,7 @@ class Kernel:
         """
         started = time.monotonic()
         attributes = _span_attributes(tool_name, context)
+        audit = _AuditRow()
         with tracer.start_as_current_span("picobot.tool_call", attributes=attributes) as span:
             try:
                 context.control.check()
@@ -222,12 +224,14 @@ class Kernel:
                     self._record_stop(tool_name, args, context, started, span, f"not run: {exc}")
                     raise
             try:
-                result = self._decide_and_run(tool_name, args, context)
+                result = self._decide_and_run(tool_name, args, context, audit)
             except RunStopped as exc:
                 # The tool may have run (and had its effects): the row says the run stopped.
-                self._record_stop(tool_name, args, context, started, span, f"stopped: {exc}")
+                result = ToolResult(tool_name, ToolDecision.ERROR, "", error=f"stopped: {exc}")
+                self._record(result, args, context, started, audit)
+                span.set_attribute("picobot.decision", ToolDecision.ERROR)
                 raise
-            self._record(result, args, context, started)
+            self._record(result, args, context, started, audit)
             span.set_attribute("picobot.decision", result.decision)
             return result
 
@@ -245,7 +249,9 @@ class Kernel:
         )
         span.set_attribute("picobot.decision", ToolDecision.ERROR)
 
-    def _decide_and_run(self, tool_name: str, args: Any, context: ToolContext) -> ToolResult:
+    def _decide_and_run(
+        self, tool_name: str, args: Any, context: ToolContext, audit: _AuditRow
+    ) -> ToolResult:
         try:
             tool = get_tool(tool_name)
         except UnknownTool:
@@ -268,7 +274,8 @@ class Kernel:
         missing = [p for p in required if not context.capabilities.allows(p)]
         if missing:
             return _denied(tool_name, missing)
-        return self._run(tool, args, context)
+        audit.row_id = self._record_start(tool.name, args, context)
+        return self._run(tool, args, _with_audit(context, audit.row_id))
 
     def _run(self, tool: Any, args: dict[str, Any], context: ToolContext) -> ToolResult:
         parent = context.control
@@ -294,21 +301,49 @@ class Kernel:
             output = output[:MAX_OUTPUT_CHARS] + "\n[output truncated]"
         return ToolResult(tool.name, ToolDecision.ALLOWED, wrap_untrusted(tool.name, output))
 
-    def _record(self, result: ToolResult, args: Any, context: ToolContext, started: float) -> None:
-        result.duration_ms = int((time.monotonic() - started) * 1000)
-        result.arguments = redact(args) if isinstance(args, dict) else {"_raw": redact(args)}
+    def _record_start(self, tool_name: str, args: Any, context: ToolContext) -> int:
+        """Write the `started` row of an allowed call, before the tool can have any effect."""
         row = ToolCall.objects.create(
             execution_id=context.execution_id,
             session_id=context.session_id,
             user_id=getattr(context.user, "pk", None),
-            tool=storable(result.tool[:100]),
-            decision=result.decision,
-            missing_permission=result.missing_permission,
-            arguments=result.arguments,
-            error=redact_text(result.error),
-            duration_ms=result.duration_ms,
+            tool=storable(tool_name[:100]),
+            decision=ToolDecision.ALLOWED,
+            arguments=redact(args),
+            status=ToolCallStatus.STARTED,
         )
-        result.audit_id = row.pk
+        return row.pk
+
+    def _record(
+        self,
+        result: ToolResult,
+        args: Any,
+        context: ToolContext,
+        started: float,
+        audit: _AuditRow | None = None,
+    ) -> None:
+        result.duration_ms = int((time.monotonic() - started) * 1000)
+        result.arguments = redact(args) if isinstance(args, dict) else {"_raw": redact(args)}
+        outcome = {
+            "decision": result.decision,
+            "missing_permission": result.missing_permission,
+            "error": redact_text(result.error),
+            "duration_ms": result.duration_ms,
+            "status": ToolCallStatus.FINISHED,
+        }
+        if audit is not None and audit.row_id is not None:
+            ToolCall.objects.filter(pk=audit.row_id).update(**outcome)
+            result.audit_id = audit.row_id
+        else:
+            row = ToolCall.objects.create(
+                execution_id=context.execution_id,
+                session_id=context.session_id,
+                user_id=getattr(context.user, "pk", None),
+                tool=storable(result.tool[:100]),
+                arguments=result.arguments,
+                **outcome,
+            )
+            result.audit_id = row.pk
         TOOL_CALLS.labels(tool=_metric_tool_label(result.tool), decision=result.decision).inc()
         logger.info(
             "tool call %s %s (execution=%s session=%s user=%s)",
@@ -320,10 +355,23 @@ class Kernel:
         )
 
 
+@dataclass
+class _AuditRow:
+    """The `started` row of the call being made, once written."""
+
+    row_id: int | None = None
+
+
 def _with_control(context: ToolContext, control: Any) -> ToolContext:
     from dataclasses import replace
 
     return replace(context, control=control)
+
+
+def _with_audit(context: ToolContext, audit_id: int) -> ToolContext:
+    from dataclasses import replace
+
+    return replace(context, audit_id=audit_id)
 
 
 def _metric_tool_label(name: str) -> str:

@@ -169,8 +169,19 @@ class ToolDecision(models.TextChoices):
     ERROR = "error"
 
 
+class ToolCallStatus(models.TextChoices):
+    STARTED = "started"  # written before the tool runs: no effect happens without a row
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"  # its worker stopped during the call (found by recovery)
+
+
 class ToolCall(models.Model):
-    """The audit row of one tool call, whatever its outcome. Arguments are stored redacted."""
+    """The audit row of one tool call, whatever its outcome. Arguments are stored redacted.
+
+    An allowed call's row is written with status `started` before the tool runs and completed
+    after; a refused call's row is written once, `finished`. A tool that starts a process
+    records its process group and start time here, so recovery can reap it on the same host.
+    """
 
     execution = models.ForeignKey(
         "schedules.Execution",
@@ -191,6 +202,12 @@ class ToolCall(models.Model):
     arguments = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True, default="")
     duration_ms = models.PositiveIntegerField(default=0)
+    status = models.CharField(
+        max_length=16, choices=ToolCallStatus.choices, default=ToolCallStatus.FINISHED
+    )
+    process_group = models.IntegerField(null=True, blank=True)
+    process_started_ticks = models.BigIntegerField(null=True, blank=True)
+    process_host = models.CharField(max_length=200, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

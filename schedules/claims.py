@@ -29,6 +29,7 @@ from django.db.models import Count, F, Window
 from django.db.models.functions import RowNumber
 from django.utils.dateparse import parse_datetime
 
+from kernel.processes import interrupt_calls
 from schedules import metrics, quotas
 from schedules.dbtime import db_now
 from schedules.models import FAILURE_STATUSES, Execution, ExecutionStatus, Job
@@ -721,6 +722,8 @@ def _recover_one(job_id: int, token: UUID) -> bool:
                 ),
             )
         finish(job, execution, token, outcome, now)
+    # After the commit: the run's unfinished tool calls are marked and their processes reaped.
+    interrupt_calls(execution.pk)
     metrics.EXPIRED_LEASES.labels(outcome.status).inc()
     logger.warning(
         "recovered expired lease job=%s execution=%s user=%s -> %s",

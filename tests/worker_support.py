@@ -101,28 +101,40 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30, what: str = "c
 
 
 def sleep_pids(seconds: str, parent_pid: int | None = None) -> list[int]:
-    """Live `sleep <seconds>` processes (a worker's shell tool subprocesses), only those whose
-    parent is `parent_pid` when given. Another test run on the same machine may be sleeping
-    too: callers match on their worker's pid, or on an argument unique to their run."""
+    """Live `sleep <seconds>` processes (a worker's shell tool subprocesses), only those that
+    descend from `parent_pid` when given (the shell tool's sandbox launcher stands between the
+    worker and the program). Another test run on the same machine may be sleeping too: callers
+    match on their worker's pid, or on an argument unique to their run."""
     listing = subprocess.run(
         ["ps", "-eo", "pid=,ppid=,stat=,args="], capture_output=True, text=True, check=True
     ).stdout
-    found = []
+    parents: dict[int, int] = {}
+    candidates: list[int] = []
     for line in listing.splitlines():
         fields = line.split(None, 3)
         if len(fields) < 4:
             continue
         pid, ppid, stat, args = fields
+        parents[int(pid)] = int(ppid)
         argv = args.split()
         if stat.startswith("Z") or argv[1:] != [seconds] or "sleep" not in argv[0]:
             continue
-        if parent_pid is None or int(ppid) == parent_pid:
-            found.append(int(pid))
-    return found
+        candidates.append(int(pid))
+    return [pid for pid in candidates if parent_pid is None or _descends(pid, parent_pid, parents)]
+
+
+def _descends(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
+    seen: set[int] = set()
+    while pid in parents and pid not in seen:
+        seen.add(pid)
+        pid = parents[pid]
+        if pid == ancestor:
+            return True
+    return False
 
 
 def sleep_child(parent_pid: int, seconds: str) -> int | None:
-    """The pid of a live `sleep <seconds>` started by process `parent_pid`, if any."""
+    """The pid of a live `sleep <seconds>` started (through the launcher) by `parent_pid`."""
     return next(iter(sleep_pids(seconds, parent_pid)), None)
 
 

@@ -24,6 +24,7 @@ from django.conf import settings
 from kernel import sandbox, sandbox_exec
 from kernel.context import ToolContext, kill_process_group
 from kernel.permissions import Permission, parse_permission
+from kernel.processes import record_process
 from kernel.tools import Tool, ToolError, register
 from kernel.tools.filesystem import project_dir, protected_paths
 
@@ -110,6 +111,7 @@ class Shell(Tool):
             )
             assert process.stdout is not None
             with control.track(process):
+                record_process(context.audit_id, process.pid)
                 collector = _Collector(
                     process.stdout, MAX_OUTPUT_BYTES, lambda: kill_process_group(process)
                 )

@@ -1,0 +1,200 @@
+"""An allowed call's audit row is written before the tool runs; tool processes die with their
+worker, and recovery marks the calls it interrupted and reaps what is left of their processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kernel import processes
+from kernel.context import Cancelled, RunControl, ToolContext
+from kernel.kernel import kernel
+from kernel.models import ToolCall, ToolCallStatus
+from kernel.permissions import CapabilitySet
+from kernel.tools import Tool, register, shell, unregister
+from schedules import claims
+from schedules.dbtime import db_now
+from schedules.models import Execution, ExecutionStatus, Job
+from tests.worker_support import Workers, alive, due_job, sleep_child, wait_until
+
+
+class PeekTool(Tool):
+    """Reports what the audit log says about this very call while it runs."""
+
+    name = "test_peek"
+    description = "test"
+    parameters = {"type": "object", "properties": {}, "additionalProperties": False}
+
+    def required_permissions(self, args: dict[str, Any], context: ToolContext) -> list[Any]:
+        return []
+
+    def run(self, args: dict[str, Any], context: ToolContext) -> str:
+        row = ToolCall.objects.get(pk=context.audit_id)
+        return f"{row.status} {row.decision} {row.tool}"
+
+
+@pytest.fixture
+def peek_tool() -> Iterator[None]:
+    register(PeekTool)
+    yield
+    unregister("test_peek")
+
+
+def context_for(user: Any, grant: list[str], control: RunControl | None = None) -> ToolContext:
+    return ToolContext(
+        user=user, capabilities=CapabilitySet(grant), control=control or RunControl()
+    )
+
+
+@pytest.mark.django_db
+def test_the_row_exists_before_the_tool_runs_and_is_completed_after(make_user, peek_tool) -> None:
+    result = kernel.invoke("test_peek", {}, context_for(make_user(), []))
+    assert "started allowed test_peek" in result.content
+    row = ToolCall.objects.get(pk=result.audit_id)
+    assert (row.status, row.decision) == (ToolCallStatus.FINISHED, "allowed")
+    assert ToolCall.objects.count() == 1  # completed in place, not a second row
+
+
+@pytest.mark.django_db
+def test_refused_calls_are_written_once_as_finished(make_user) -> None:
+    user = make_user()
+    for tool, args in (("shell", {"command": "ls"}), ("shell", {"nope": 1}), ("missing", {})):
+        result = kernel.invoke(tool, args, context_for(user, []))
+        assert result.decision in ("denied", "invalid")
+    assert set(ToolCall.objects.values_list("status", flat=True)) == {ToolCallStatus.FINISHED}
+    assert ToolCall.objects.count() == 3
+
+
+@pytest.mark.django_db
+def test_a_shell_call_records_its_process_group_and_a_stop_completes_the_row(
+    make_user, monkeypatch
+) -> None:
+    control = RunControl.with_timeout(60)
+    seen: list[tuple[str, int | None]] = []
+    record = shell.record_process
+
+    def record_then_cancel(audit_id: int | None, pid: int) -> None:
+        record(audit_id, pid)
+        row = ToolCall.objects.get(pk=audit_id)
+        seen.append((row.status, row.process_group))
+        control.cancel("cancelled by the owner")
+
+    monkeypatch.setattr(shell, "record_process", record_then_cancel)
+    context = context_for(make_user(), ["shell:sleep"], control)
+    with pytest.raises(Cancelled):
+        kernel.invoke("shell", {"command": "sleep", "args": ["30"]}, context)
+    [(status, group)] = seen
+    assert status == ToolCallStatus.STARTED and group and group > 0
+    row = ToolCall.objects.get()
+    assert row.status == ToolCallStatus.FINISHED and "stopped" in row.error
+    assert row.process_host == processes.host_id()
+    assert not processes.group_members(group, row.process_started_ticks)
+
+
+# --- reaping recorded process groups -------------------------------------------------------------
+
+
+def own_group_sleep(seconds: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", seconds], start_new_session=True)
+
+
+@pytest.mark.django_db
+def test_recovery_reaps_a_recorded_group_on_this_host(make_user) -> None:
+    execution = _execution(make_user())
+    survivor = own_group_sleep("41.5")
+    try:
+        row = _started_row(execution, survivor.pid, processes.start_ticks(survivor.pid))
+        assert processes.interrupt_calls(execution.pk) == 1
+        survivor.wait(timeout=10)
+        assert survivor.returncode == -signal.SIGKILL
+        row.refresh_from_db()
+        assert row.status == ToolCallStatus.INTERRUPTED and "killed 1" in row.error
+    finally:
+        survivor.kill()
+
+
+@pytest.mark.django_db
+def test_a_reused_process_id_or_another_host_is_never_killed(make_user) -> None:
+    execution = _execution(make_user())
+    bystander = own_group_sleep("42.5")
+    try:
+        ticks = processes.start_ticks(bystander.pid)
+        _started_row(execution, bystander.pid, ticks - 1)  # the id now names another process
+        _started_row(execution, bystander.pid, ticks, host="elsewhere/other-boot")
+        assert processes.interrupt_calls(execution.pk) == 2
+        assert bystander.poll() is None
+        assert set(ToolCall.objects.values_list("status", flat=True)) == {"interrupted"}
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def _execution(owner: Any) -> Execution:
+    job = due_job(owner)
+    return Execution.objects.create(
+        job=job, scheduled_for=db_now(), status=ExecutionStatus.RUNNING, attempt=1
+    )
+
+
+def _started_row(execution: Execution, group: int, ticks: int | None, host: str = "") -> ToolCall:
+    return ToolCall.objects.create(
+        execution=execution,
+        tool="shell",
+        decision="allowed",
+        status=ToolCallStatus.STARTED,
+        process_group=group,
+        process_started_ticks=ticks,
+        process_host=host or processes.host_id(),
+    )
+
+
+# --- a real worker killed during `shell sleep` ---------------------------------------------------
+
+
+@pytest.fixture
+def workers(tmp_path: Path, model_server: Any) -> Iterator[Callable[..., Workers]]:
+    made: list[Workers] = []
+
+    def make(**scheduler: Any) -> Workers:
+        made.append(Workers(tmp_path, model_server.base_url, **scheduler))
+        return made[-1]
+
+    yield make
+    for group in made:
+        group.stop_all()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_killed_worker_leaves_a_row_and_no_process_and_recovery_marks_it(
+    make_user, workers, model_server
+) -> None:
+    owner = make_user(grant=["shell:sleep"])
+    model_server.add(
+        {"tool_calls": [{"name": "shell", "arguments": {"command": "sleep", "args": ["33.5"]}}]}
+    )
+    model_server.reply_always("never reached")
+    job = due_job(owner, capabilities=["shell:sleep"])
+    worker = workers(lease_secs=3).start(worker_id="doomed")
+    sleeper = wait_until(lambda: sleep_child(worker.pid, "33.5"), 30, "the shell subprocess")
+    row = wait_until(
+        lambda: ToolCall.objects.filter(execution__job=job, process_group__isnull=False).first(),
+        30,
+        "the audit row to record the process",
+    )
+    assert row.status == ToolCallStatus.STARTED and row.decision == "allowed"
+    worker.kill()
+    worker.wait()
+    # Before any recovery: the sleep died with its worker (it was not left to a reaper).
+    wait_until(lambda: not alive(sleeper), 10, "the sleep to die with its worker")
+    assert not alive(row.process_group)
+    wait_until(lambda: Job.objects.get(pk=job.pk).lease_expires_at < db_now(), 30, "the lease")
+    assert claims.recover_expired() == 1
+    row.refresh_from_db()
+    assert row.status == ToolCallStatus.INTERRUPTED and "worker stopped" in row.error
+    assert Execution.objects.get(job=job).status == ExecutionStatus.LOST
