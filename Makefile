@@ -43,6 +43,7 @@ test-postgres: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+	$(PY) -m bench.shell_sandbox
 
 # Executions under sustained faults (bench/soak.py): SOAK_EXECUTIONS, SOAK_DURATION_SECS,
 # SOAK_WORKERS, SOAK_DATABASE=postgres|sqlite (PostgreSQL runs a private cluster of its own).
