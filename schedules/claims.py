@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
@@ -33,7 +34,16 @@ from kernel.processes import interrupt_calls
 from schedules import metrics, quotas
 from schedules.dbtime import db_now
 from schedules.models import FAILURE_STATUSES, Execution, ExecutionStatus, Job
-from schedules.timing import next_after, plan_due, retry_at, spec_of
+from schedules.timing import (
+    DuePlan,
+    ScheduleSpec,
+    next_after,
+    plan_due,
+    retry_at,
+    spec_of,
+    too_close_to_previous,
+    within_active_hours,
+)
 
 logger = logging.getLogger("picobot.claims")
 
@@ -267,8 +277,9 @@ def _start(job: Job, worker_id: str, now: datetime, lease_expires_at: datetime) 
     else:
         plan = plan_due(spec, job.next_run_at, now, job.misfire)
         scheduled_for, attempt, missed = plan.scheduled_for, 1, plan.missed_count
-        if plan.skip:
-            _skip(job, plan, now)
+        reason = MISFIRE_SKIP_REASON if plan.skip else skip_reason(job, spec, plan)
+        if reason:
+            _skip(job, plan, now, reason)
             return None
     try:
         with transaction.atomic():
@@ -344,8 +355,39 @@ def _create_execution(job: Job, scheduled_for: datetime, now: datetime, **fields
     )
 
 
-def _skip(job: Job, plan: Any, now: datetime) -> None:
-    """Misfire policy `skip`: record the missed occurrence and move to the next future one."""
+MISFIRE_SKIP_REASON = "skipped by the misfire policy: later occurrences were already due"
+
+
+def skip_reason(job: Job, spec: ScheduleSpec, plan: DuePlan) -> str:
+    """Why the occurrence `plan` would run must be recorded `skipped` instead ("" to run it).
+
+    Outside the job's active hours (heartbeats); or closer than the minimum interval to the
+    occurrence before it, which only a clock change can make so (see `too_close_to_previous`).
+    An occurrence standing for missed ones is not checked for closeness: the one before it did
+    not run.
+    """
+    when = plan.scheduled_for
+    if job.active_hours and not within_active_hours(job.active_hours, job.timezone, when):
+        local = when.astimezone(ZoneInfo(job.timezone))
+        return (
+            f"outside active hours {job.active_hours} ({job.timezone}): "
+            f"the occurrence falls at {local:%H:%M:%S} local time"
+        )
+    if plan.missed_count == 0:
+        minimum = settings.PICOBOT.scheduler.min_interval_secs
+        earlier = too_close_to_previous(spec, when, minimum)
+        if earlier is not None:
+            return (
+                f"only {(when - earlier).total_seconds():g} s after the occurrence at "
+                f"{earlier.isoformat()}: a clock change brought them closer than the minimum "
+                f"interval ({minimum} s)"
+            )
+    return ""
+
+
+def _skip(job: Job, plan: DuePlan, now: datetime, reason: str) -> None:
+    """Record the occurrence `plan` as skipped (misfire policy, active hours, a clock change
+    closer than the minimum) and move to the next future occurrence, releasing the claim."""
     assert job.claim_token is not None
     try:
         with transaction.atomic():
@@ -356,7 +398,7 @@ def _skip(job: Job, plan: Any, now: datetime) -> None:
                 status=S.SKIPPED,
                 finished_at=now,
                 missed_count=plan.missed_count,
-                error="skipped by the misfire policy: later occurrences were already due",
+                error=reason,
             )
     except IntegrityError:
         logger.warning("job=%s skipped occurrence was already recorded", job.pk)
@@ -365,7 +407,14 @@ def _skip(job: Job, plan: Any, now: datetime) -> None:
         changes["enabled"] = False
     _fenced_job_update(job.pk, job.claim_token, changes)
     metrics.EXECUTIONS.labels(S.SKIPPED, job.schedule_type).inc()
-    logger.info("job=%s user=%s skipped %s missed", job.pk, job.owner_id, plan.missed_count)
+    logger.info(
+        "job=%s user=%s skipped %s (%s missed): %s",
+        job.pk,
+        job.owner_id,
+        plan.scheduled_for.isoformat(),
+        plan.missed_count,
+        reason,
+    )
 
 
 def _fenced_job_update(job_id: int, token: UUID, changes: dict[str, Any]) -> None:

@@ -16,6 +16,13 @@ mapped to instants with `zoneinfo`'s fold information:
   passes of a repeated hour and never inside a gap.
 
 Occurrences that land on one instant are one occurrence.
+
+The minimum interval holds over real instants. `validate_cron` checks it on one day's times;
+a clock change can still bring two occurrences closer (`1 2,3 * * *` in New York fires 03:00
+and 03:01 on the spring-forward day). The worker records the later one `skipped` with the
+reason (`too_close_to_previous`), rather than the check refusing such crons: whether a cron
+meets a clock change depends on the zone's future rules, which a tz database update can change
+long after the schedule was accepted, while the check at the run always sees the rules in force.
 """
 
 from __future__ import annotations
@@ -583,32 +590,28 @@ def _next_cron(plan: CronPlan, zone: tzinfo, after: datetime) -> datetime | None
     first = zone.utcoffset(local)
     if first == zone.utcoffset(local.replace(fold=1)):
         candidate = local - first  # type: ignore[operator]
-        if candidate > after and (plan.wall_clock or _offset_at(zone, after + MAX_SHIFT) == offset):
+        if candidate > after and _no_transition_near(plan, zone, after, offset):
             return candidate
+    return _next_slow(plan, zone, after, wall)
+
+
+def _no_transition_near(plan: CronPlan, zone: tzinfo, after: datetime, offset: timedelta) -> bool:
+    """Whether the next matching local time after `after` is surely the next occurrence.
+
+    A real-time cron looks ahead: a repeated hour before that time fires earlier instants. A
+    wall-clock cron looks back: the local times of a gap that just ended run at the first valid
+    minute after it, keeping their second, so they can still lie ahead of `after` although
+    their wall time is behind it.
+    """
     if plan.wall_clock:
-        return _next_wall_clock_slow(plan, zone, after, local)
-    return _next_real_time_slow(plan, zone, after, wall)
+        return _offset_at(zone, after - MAX_SHIFT) == offset
+    return _offset_at(zone, after + MAX_SHIFT) == offset
 
 
-def _next_wall_clock_slow(
-    plan: CronPlan, zone: tzinfo, after: datetime, local: datetime | None
-) -> datetime | None:
-    # Wall-clock instants never decrease in local order: the first one past `after` is next.
-    for _ in range(MAX_SCAN_STEPS):
-        if local is None:
-            return None
-        for instant in _instants(plan, zone, local):
-            if instant > after:
-                return instant
-        local = _next_naive(plan, local)
-    return None
-
-
-def _next_real_time_slow(
-    plan: CronPlan, zone: tzinfo, after: datetime, wall: datetime
-) -> datetime | None:
-    # Near a transition a later wall time can be an earlier instant (a repeated hour), so scan
-    # from MAX_SHIFT before `wall` and stop once no later wall time can beat the best found.
+def _next_slow(plan: CronPlan, zone: tzinfo, after: datetime, wall: datetime) -> datetime | None:
+    # Near a transition a later wall time can be an earlier instant (a repeated hour; a skipped
+    # time that runs after the gap, keeping its second), so scan from MAX_SHIFT before `wall`
+    # and stop once no later wall time can beat the best found.
     best: datetime | None = None
     limit: datetime | None = None
     local = _next_naive(plan, wall - MAX_SHIFT - timedelta(microseconds=1))
@@ -696,6 +699,61 @@ def preview(
 def _first_preview(spec: ScheduleSpec, after: datetime) -> datetime | None:
     first = first_run(spec, after)
     return first if first is not None and first > after else None
+
+
+# --- run-time predicates -----------------------------------------------------------------------
+
+_ACTIVE_HOURS = re.compile(r"^([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})$")
+
+
+def parse_active_hours(value: Any) -> tuple[int, int]:
+    """`"HH:MM-HH:MM"` as (start, end) minutes after local midnight; end may be 24:00 and may
+    be earlier than start (the window wraps past midnight). Raises ScheduleError("active_hours")."""
+    match = _ACTIVE_HOURS.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ScheduleError(
+            "active_hours", 'must look like "HH:MM-HH:MM" (for example 08:00-20:00)'
+        )
+    start_h, start_m, end_h, end_m = (int(part) for part in match.groups())
+    if start_h > 23 or start_m > 59 or end_m > 59 or end_h > 24 or (end_h == 24 and end_m):
+        raise ScheduleError("active_hours", f"{value!r} is not a time of day (00:00 to 24:00)")
+    start, end = start_h * 60 + start_m, end_h * 60 + end_m
+    if start == end % (24 * 60):
+        raise ScheduleError(
+            "active_hours", f"{value!r} is empty or the whole day: leave active_hours out instead"
+        )
+    return start, end
+
+
+def within_active_hours(active_hours: str, timezone: str, instant: datetime) -> bool:
+    """Whether `instant` falls in `active_hours` ([start, end) of wall time in `timezone`)."""
+    start, end = parse_active_hours(active_hours)
+    local = instant.astimezone(_zone(timezone))
+    minute = local.hour * 60 + local.minute + local.second / 60
+    if start < end:
+        return start <= minute < end
+    return minute >= start or minute < end
+
+
+def too_close_to_previous(
+    spec: ScheduleSpec, scheduled_for: datetime, min_interval_secs: int
+) -> datetime | None:
+    """The occurrence before `scheduled_for` when it is closer than the minimum, else None.
+
+    The minimum is `min_interval_secs`, or the cron's own shortest gap of a day when that is
+    smaller (the minimum was raised after the cron was accepted): only a clock change brings
+    two occurrences of an accepted schedule that close. Skipping each occurrence that is too
+    close to the one before it leaves every two remaining occurrences at least that far apart.
+    Interval and once schedules follow real time and never need it.
+    """
+    if spec.schedule_type != CRON:
+        return None
+    minimum = min(min_interval_secs, parse_cron(spec.cron).min_gap_secs())
+    scheduled_for = scheduled_for.astimezone(UTC)
+    earlier = next_after(spec, scheduled_for - timedelta(seconds=minimum))
+    if earlier is not None and earlier < scheduled_for:
+        return earlier
+    return None
 
 
 # --- misfires -----------------------------------------------------------------------------------
