@@ -20,6 +20,13 @@ class ConfigError(Exception):
     """A configuration mistake; the message names the key."""
 
 
+# The notification channels a heartbeat's `notify` may name (the schedules API's notify_channels).
+NOTIFY_CHANNELS = ("whatsapp", "webhook", "console")
+# `notify`: false (nothing), true (every channel where the system principal has a verified
+# contact), or the channels to use: one name or a list of names.
+Notify = bool | tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     enabled: bool = False
@@ -51,7 +58,7 @@ class HeartbeatPrompt:
     capabilities: tuple[str, ...] | None = None
     active_hours: str | None = None
     enabled: bool = True
-    notify: bool | None = None
+    notify: Notify | None = None  # None: the section's
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class HeartbeatsConfig:
     enabled: bool = False
     default_interval_secs: int = 300
     capabilities: tuple[str, ...] = ()
-    notify: bool = False
+    notify: Notify = False
     prompts: tuple[HeartbeatPrompt, ...] = ()
 
 
@@ -148,6 +155,22 @@ def _permissions(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _notify(key: str, value: Any) -> Notify:
+    if isinstance(value, bool):
+        return value
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"{key} must be true, false, a channel name or a non-empty list of channel names"
+        )
+    for name in names:
+        if name not in NOTIFY_CHANNELS:
+            raise ConfigError(f"{key}: unknown channel {name!r} (use {', '.join(NOTIFY_CHANNELS)})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key} names a channel twice")
+    return tuple(names)
+
+
 Validator = Callable[[str, Any], Any]
 
 _SCHEDULER_KEYS: dict[str, Validator] = {
@@ -186,7 +209,7 @@ _HEARTBEAT_KEYS: dict[str, Validator] = {
     "enabled": _bool,
     "default_interval_secs": _positive_int,
     "capabilities": _permissions,
-    "notify": _bool,
+    "notify": _notify,
 }
 
 _PROMPT_KEYS: dict[str, Validator] = {
@@ -198,7 +221,7 @@ _PROMPT_KEYS: dict[str, Validator] = {
     "capabilities": _permissions,
     "active_hours": _string,
     "enabled": _bool,
-    "notify": _bool,
+    "notify": _notify,
 }
 
 

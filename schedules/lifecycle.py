@@ -53,7 +53,10 @@ __all__ = [
 
 SCHEDULE_FIELDS = ("schedule_type", "run_at", "interval_secs", "cron", "timezone")
 # Changing any of these changes what the next run does: schedule_version is bumped.
-VERSIONED_FIELDS = (*SCHEDULE_FIELDS, "prompt", "capabilities")
+VERSIONED_FIELDS = (*SCHEDULE_FIELDS, "prompt", "capabilities", "active_hours")
+# Fields the API does not take but the system sets (a heartbeat's key and active hours): passed
+# to create_job/update_job as `extra`, written as given, compared like the API's fields.
+EXTRA_FIELDS = ("heartbeat_name", "active_hours")
 DEFAULT_NAME_CHARS = 60
 
 
@@ -144,6 +147,15 @@ def default_name(prompt: str) -> str:
     return first_line
 
 
+def check_body(data: object, *, now: datetime) -> tuple[dict[str, Any], ScheduleSpec]:
+    """The shape and schedule rules of a create body, for no owner in particular.
+
+    Returns the validated values and the normalised schedule; raises ScheduleInvalid.
+    """
+    values = validate_input(data, partial=False)
+    return values, _spec(values, now)
+
+
 def check_create(
     owner: User,
     data: object,
@@ -157,8 +169,7 @@ def check_create(
     existing equivalent schedule first, as the `schedule` tool does). Raises ScheduleInvalid or
     CapabilitiesExceeded, as `create_job` would.
     """
-    values = validate_input(data, partial=False)
-    spec = _spec(values, now)
+    values, spec = check_body(data, now=now)
     _check_capabilities(owner, values.get("capabilities", []), ceiling)
     return values, spec
 
@@ -170,12 +181,13 @@ def create_job(
     origin: str = Origin.API,
     now: datetime | None = None,
     ceiling: CapabilitySet | Capabilities | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Job:
     """Validate `data` (a create body) and create the owner's job.
 
     Raises, in this order: ScheduleInvalid (400), CapabilitiesExceeded (403: beyond the owner's
     grant, or beyond `ceiling` when the caller is itself limited, e.g. a chat session),
-    QuotaExceeded (429). `now` defaults to the database's clock.
+    QuotaExceeded (429). `now` defaults to the database's clock. `extra` sets EXTRA_FIELDS.
     """
     values = validate_input(data, partial=False)
     now = now or db_now()
@@ -193,6 +205,7 @@ def create_job(
         "notify_channels": values.get("notify_channels"),
         **_spec_fields(spec),
         "next_run_at": first_run(spec, now),
+        **_extra(extra),
     }
     for optional in ("misfire", "notify_on"):
         if optional in values:
@@ -212,6 +225,7 @@ def update_job(
     *,
     now: datetime | None = None,
     ceiling: CapabilitySet | Capabilities | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Job:
     """Validate `changes` (a PATCH body) and apply them to `job`; returns the job as stored.
 
@@ -219,9 +233,10 @@ def update_job(
     `schedule_version`, resets the failure count, drops a pending retry and recomputes
     `next_run_at` (a running execution keeps what it started with). Re-enabling computes the
     next run from now; a once job whose time has passed cannot be re-enabled. Raises
-    ScheduleInvalid (400), CapabilitiesExceeded (403) or JobGone (404).
+    ScheduleInvalid (400), CapabilitiesExceeded (403) or JobGone (404). `extra` changes
+    EXTRA_FIELDS (an active hours change is versioned too).
     """
-    values = validate_input(changes, partial=True)
+    values = {**validate_input(changes, partial=True), **_extra(extra)}
     now = now or db_now()
     with transaction.atomic():
         current = Job.objects.select_for_update().filter(pk=job.pk, deleted_at__isnull=True).first()
@@ -236,6 +251,13 @@ def update_job(
             if "next_run_at" in fields:
                 wake_workers()
     return Job.objects.get(pk=job.pk)
+
+
+def _extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    unknown = set(extra or {}) - set(EXTRA_FIELDS)
+    if unknown:
+        raise ValueError(f"not extra job fields: {sorted(unknown)}")
+    return dict(extra or {})
 
 
 def _changed_fields(job: Job, values: dict[str, Any], now: datetime) -> dict[str, Any]:

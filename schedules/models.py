@@ -120,6 +120,12 @@ class Job(models.Model):
     def __str__(self) -> str:
         return f"{self.name} (#{self.pk})"
 
+    @property
+    def is_heartbeat(self) -> bool:
+        """A heartbeat: `[heartbeats]` in the config file is its source of truth, kept in step
+        by `loadheartbeats`, so nothing else should edit it."""
+        return self.heartbeat_name is not None
+
 
 class ExecutionStatus(models.TextChoices):
     RUNNING = "running"

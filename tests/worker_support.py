@@ -36,12 +36,15 @@ def database_url() -> str:
 class Workers:
     """Starts worker processes with a scheduler config of the test's choosing."""
 
-    def __init__(self, tmp_path: Path, model_url: str | None, **scheduler: Any) -> None:
+    def __init__(
+        self, tmp_path: Path, model_url: str | None, *, sections: str = "", **scheduler: Any
+    ) -> None:
+        """`sections`: more of the config file as TOML text (for example a [heartbeats] table)."""
         self.tmp_path = tmp_path
         values = {"enabled": True, "tick_secs": 0.2, "lease_secs": 3, **scheduler}
         lines = ["[scheduler]"] + [f"{k} = {_toml(v)}" for k, v in values.items()]
         self.config = tmp_path / "picobot.worker.toml"
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config.write_text("\n".join(lines) + "\n" + sections)
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
