@@ -659,8 +659,13 @@ def job_changes(
     failed = status in FAILURE_STATUSES
     following = next_after(spec_of(job), execution.scheduled_for) if same_version else None
     if failed and same_version:
+        # A `superseded` attempt was recovered as `lost` (only recovery takes a running claim
+        # away) before its worker came back and recorded itself: it was a failed attempt, and
+        # not counting it would allow one retry more than max_retries.
         failures = Execution.objects.filter(
-            job_id=job.pk, scheduled_for=execution.scheduled_for, status__in=FAILURE_STATUSES
+            job_id=job.pk,
+            scheduled_for=execution.scheduled_for,
+            status__in=[*FAILURE_STATUSES, S.SUPERSEDED],
         ).count()
         if failures <= config.max_retries:
             retry = retry_at(

@@ -318,6 +318,26 @@ def test_a_late_finisher_records_superseded_and_changes_nothing(make_job):
     assert Execution.objects.get(pk=c2.execution_id).status == S.RUNNING
 
 
+def test_a_lost_attempt_later_superseded_still_counts_against_max_retries(make_job, picobot_config):
+    picobot_config("scheduler", max_retries=1, backoff_base_secs=1, backoff_max_secs=1)
+    job = make_job()
+    [first] = claim(worker="paused")
+    expire_lease(job.pk)
+    claims.recover_expired()  # attempt 1: lost, retried
+    # The paused worker comes back and records its run: `lost` becomes `superseded`.
+    assert claims.complete(first, Outcome(S.SUCCEEDED)) == S.SUPERSEDED
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now())
+    [second] = claim(worker="alive")
+    assert second.attempt == 2
+    claims.complete(second, Outcome(S.FAILED, error="boom"))
+    # Two failed attempts with max_retries = 1: the occurrence is given up, not tried a third time.
+    job.refresh_from_db()
+    assert job.pending_scheduled_for is None and job.pending_attempt == 1
+    assert job.next_run_at == first.scheduled_for + timedelta(seconds=3600)
+    statuses = list(Execution.objects.filter(job=job).order_by("attempt").values_list("status"))
+    assert statuses == [(S.SUPERSEDED,), (S.FAILED,)]
+
+
 def test_a_renewal_fails_once_the_claim_is_lost(make_job):
     job = make_job()
     [c] = claim()
