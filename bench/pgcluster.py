@@ -46,17 +46,11 @@ def _major(path: str) -> int:
         return 0
 
 
-def free_port(low: int = 0, high: int = 0) -> int:
-    """A port free on 127.0.0.1: the first in [low, high] when a range is given, else any."""
-    candidates = range(low, high + 1) if low and high else [0]
-    for port in candidates:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return probe.getsockname()[1]
-    raise ClusterUnavailable(f"no free port in {low}-{high}")
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 class PrivateCluster:

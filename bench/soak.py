@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -81,8 +82,7 @@ class Options:
     terminate_every_secs: float
     api_every_secs: float
     settle_secs: float
-    port_low: int = 8850
-    port_high: int = 8899
+    pg_port: int = 0
 
 
 def parse_options(argv: list[str]) -> Options:
@@ -101,6 +101,7 @@ def parse_options(argv: list[str]) -> Options:
     add("--terminate-every", type=float, default=float(env("SOAK_TERMINATE_EVERY_SECS", "20")))
     add("--api-every", type=float, default=float(env("SOAK_API_EVERY_SECS", "0.3")))
     add("--settle", type=float, default=float(env("SOAK_SETTLE_SECS", "0")))
+    add("--pg-port", type=int, default=int(env("SOAK_PG_PORT", "0")), help="default: any free")
     args = parser.parse_args(argv)
     # About 20 executions a second when the duration is not given: ~8 minutes for the default.
     duration = args.duration or max(30.0, args.executions / 20)
@@ -119,6 +120,7 @@ def parse_options(argv: list[str]) -> Options:
         terminate_every_secs=args.terminate_every if args.database == "postgres" else 0,
         api_every_secs=args.api_every,
         settle_secs=settle,
+        pg_port=args.pg_port,
     )
 
 
@@ -146,6 +148,8 @@ def setup_django(url: str, config_path: Path) -> None:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
+    # The API user's expected 404s and 409s are not news; its 500s are checked, not logged.
+    logging.getLogger("django.request").setLevel(logging.CRITICAL)
 
 
 def retrying(step: Any, what: str, timeout: float = 120.0) -> Any:
@@ -262,6 +266,7 @@ class WorkerPool:
         self.kills = 0
         self.pauses = 0
         self.crashed: list[str] = []
+        self.paused: set[Any] = set()
         self._lock = threading.Lock()
 
     def start_one(self) -> None:
@@ -295,9 +300,12 @@ class WorkerPool:
 
     def kill_random(self, rng: random.Random) -> None:
         with self._lock:
-            if not self.live:
+            # A paused worker is left to wake up after its lease: that is its own fault.
+            candidates = [p for p in self.live if p not in self.paused]
+            if not candidates:
                 return
-            victim = self.live.pop(rng.randrange(len(self.live)))
+            victim = rng.choice(candidates)
+            self.live.remove(victim)
         victim.kill()
         victim.wait()
         self.kills += 1
@@ -308,12 +316,15 @@ class WorkerPool:
             if not self.live:
                 return
             victim = self.live[rng.randrange(len(self.live))]
+            self.paused.add(victim)
         with contextlib.suppress(ProcessLookupError):
             victim.send_signal(signal.SIGSTOP)
         self.pauses += 1
         stop.wait(secs)
         with contextlib.suppress(ProcessLookupError):
             victim.send_signal(signal.SIGCONT)
+        with self._lock:
+            self.paused.discard(victim)
 
     def stop_all(self, grace_secs: float) -> list[int]:
         """SIGTERM every worker (after SIGCONT) and wait; returns their exit codes."""
@@ -412,6 +423,7 @@ class ApiLog:
     requests: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # 400s, shown (the soak's own bodies)
 
 
 def drive_api(plan: Plan, options: Options, stop: threading.Event, log: ApiLog) -> None:
@@ -437,7 +449,7 @@ def drive_api(plan: Plan, options: Options, stop: threading.Event, log: ApiLog) 
             if action == "create" or not mine:
                 kind = rng.choice(["once", "once", "interval"])
                 body: dict[str, Any] = {
-                    "prompt": "api soak",
+                    "prompt": "api soak [slow]",
                     "schedule_type": kind,
                     "capabilities": ["shell:echo"],
                     "timeout_secs": JOB_TIMEOUT_SECS,
@@ -453,9 +465,12 @@ def drive_api(plan: Plan, options: Options, stop: threading.Event, log: ApiLog) 
                 owner, job_id, kind = rng.choice(mine)
                 url = f"/api/v1/schedules/{job_id}"
                 if action == "patch":
-                    answer = owner.patch(url, {"prompt": f"changed {rng.random()}"}, format="json")
+                    answer = owner.patch(url, {"prompt": f"[slow] {rng.random()}"}, format="json")
                 elif action == "cancel":
-                    answer = owner.post(f"{url}/cancel")
+                    # Aim at a run in progress when there is one, so cancels meet live runs.
+                    running = retrying(lambda: _running_job(plan), "running job") or job_id
+                    owner = next((c for c, j, _ in mine if j == running), owner)
+                    answer = owner.post(f"/api/v1/schedules/{running}/cancel")
                 elif action == "delete":
                     answer = owner.delete(url)
                     mine.remove((owner, job_id, kind))
@@ -470,10 +485,23 @@ def drive_api(plan: Plan, options: Options, stop: threading.Event, log: ApiLog) 
     connection.close()
 
 
+def _running_job(plan: Plan) -> int | None:
+    """An API user's job with a run in progress, if any."""
+    from schedules.models import Execution
+
+    return (
+        Execution.objects.filter(status="running", job__owner__in=plan.api_users)
+        .values_list("job_id", flat=True)
+        .first()
+    )
+
+
 def _record(log: ApiLog, action: str, status: int, content: bytes) -> None:
     log.requests += 1
     key = f"{action} {status}"
     log.by_status[key] = log.by_status.get(key, 0) + 1
+    if status == 400 and len(log.refused) < 5:
+        log.refused.append(f"{action}: {content[:200]!r}")
     if status >= 500 or b"database is locked" in content:
         log.failures.append(f"{action}: HTTP {status}: {content[:200]!r}")
 
@@ -514,13 +542,13 @@ def progress(started: float) -> str:
 
 
 def run(options: Options, workdir: Path) -> int:
-    from bench.pgcluster import PrivateCluster, free_port
+    from bench.pgcluster import PrivateCluster
     from bench.soak_model import ModelMix, SoakModel
 
     cluster = None
     dbname = "picobot_soak"
     if options.database == "postgres":
-        cluster = PrivateCluster(free_port(options.port_low, options.port_high))
+        cluster = PrivateCluster(options.pg_port or None)
         cluster.start()
         url = cluster.create_database(dbname)
         say(f"private PostgreSQL cluster on 127.0.0.1:{cluster.port} ({cluster.root})")

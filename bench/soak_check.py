@@ -48,6 +48,8 @@ class Report:
         self.lines.append(
             f"API user: {api.requests} requests {dict(sorted(api.by_status.items()))}"
         )
+        for refused in api.refused:
+            self.lines.append(f"API user refused: {refused}")
         for failure in api.failures:
             tolerated = database == "postgres" and _connection_error(failure)
             if tolerated:

@@ -15,6 +15,9 @@ from typing import Any
 
 from kernel.testing.model_server import ScriptedModelServer, Turn
 
+# Prompts containing this get slow answers (the API user's schedules, which it cancels).
+SLOW_MARK = "[slow]"
+
 
 @dataclass
 class ModelMix:
@@ -57,6 +60,8 @@ class SoakModel:
             delay = min(
                 self.mix.max_delay_secs, self._rng.expovariate(1 / self.mix.mean_delay_secs)
             )
+            if any(SLOW_MARK in str(m.get("content")) for m in messages if m.get("role") == "user"):
+                delay = self._rng.uniform(1.0, 3.0)  # long enough for an API cancel to meet it
             mix = self.mix
             if draw < mix.tool_call:
                 nonce = uuid.uuid4().hex[:16]
