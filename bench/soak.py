@@ -509,7 +509,7 @@ def _record(log: ApiLog, action: str, status: int, content: bytes) -> None:
 # --- the run -----------------------------------------------------------------------------------
 
 
-def wait_drained(pool: WorkerPool, cutoff: Any, timeout: float) -> bool:
+def wait_drained(pool: WorkerPool, cutoff: Any, timeout: float, started: float) -> bool:
     """Wait until every occurrence due by `cutoff` has run: no live job is still due by then,
     and nothing runs an occurrence from before it."""
     from schedules.models import Execution, Job
@@ -525,10 +525,14 @@ def wait_drained(pool: WorkerPool, cutoff: Any, timeout: float) -> bool:
         return not (due or pending or running)
 
     deadline = time.monotonic() + timeout
+    next_report = time.monotonic() + 30
     while time.monotonic() < deadline:
         if retrying(drained, "drain check"):
             return True
         pool.reap()
+        if time.monotonic() >= next_report:
+            next_report = time.monotonic() + 30
+            say(f"draining: {progress(started)}")
         time.sleep(1)
     return False
 
@@ -604,7 +608,7 @@ def run(options: Options, workdir: Path) -> int:
 
         cutoff = retrying(db_now, "clock")
         say(f"faults stopped at {cutoff:%H:%M:%S}; draining what came due")
-        drained = wait_drained(pool, cutoff, options.settle_secs)
+        drained = wait_drained(pool, cutoff, options.settle_secs, started)
         say(progress(started))
         codes = pool.stop_all(grace_secs=30)
         report = soak_check.check(plan, cutoff, drained, model, options.database)

@@ -12,6 +12,7 @@ locked" reaches a run or the API user; on SQLite no log line above WARNING at al
 from __future__ import annotations
 
 import re
+import signal
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,7 +59,10 @@ class Report:
                 self.violation(f"API user got {failure}")
         for crash in pool.crashed:
             self.violation(f"worker {crash} on its own (not killed by the soak)")
-        if any(code != 0 for code in codes):
+        # -SIGTERM: the signal came while the worker was still starting, before it installed
+        # its handler (so before it could claim anything). Anything else but 0 is a failure.
+        self.counts["workers stopped while starting"] = codes.count(-signal.SIGTERM)
+        if any(code not in (0, -signal.SIGTERM) for code in codes):
             self.violation(f"workers exited with {codes} on SIGTERM")
         check_logs(self, logs, database)
 
