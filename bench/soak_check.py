@@ -142,9 +142,12 @@ def check(plan: Any, cutoff: datetime, drained: bool, model: Any, database: str)
         state = check_occurrence(report, job, scheduled_for, attempts, cutoff)
         if state in COUNTED:
             ended[job_id] += 1
+    by_job: dict[int, dict[datetime, list[tuple[Any, ...]]]] = defaultdict(dict)
+    for (job_id, scheduled_for), attempts in occurrences.items():
+        by_job[job_id][scheduled_for] = attempts
     for job_id, first_due in plan.first_due.items():
         job = jobs[job_id]
-        check_coverage(report, job, first_due, cutoff, occurrences)
+        check_coverage(report, job, first_due, cutoff, by_job[job_id])
         if job.execution_count != ended[job_id]:
             report.violation(
                 f"job {job_id}: execution_count {job.execution_count} but {ended[job_id]} "
@@ -197,13 +200,13 @@ def check_coverage(
     job: Any,
     first_due: datetime,
     cutoff: datetime,
-    occurrences: dict[tuple[int, datetime], list[tuple[Any, ...]]],
+    mine: dict[datetime, list[tuple[Any, ...]]],
 ) -> None:
-    """Each occurrence of the schedule due by `cutoff` is run or stood for exactly once."""
+    """Each occurrence of the schedule due by `cutoff` is run or stood for exactly once
+    (`mine`: the job's executions by occurrence)."""
     from schedules.timing import next_after, spec_of
 
     spec = spec_of(job)
-    mine = {when: rows for (job_id, when), rows in occurrences.items() if job_id == job.pk}
     # A run after the cutoff may stand for occurrences before it: walk the schedule that far.
     horizon = max([cutoff, *mine])
     expected: list[datetime] = []
