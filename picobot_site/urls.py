@@ -15,4 +15,5 @@ urlpatterns = [
     ),
     path("api/v1/", include("kernel.urls")),
     path("api/v1/", include("schedules.urls")),
+    path("api/v1/", include("notifications.urls")),
 ]

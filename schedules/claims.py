@@ -623,6 +623,7 @@ def finish(job: Job, execution: Execution, token: UUID, outcome: Outcome, now: d
         output=outcome.output,
         error=outcome.error,
         disabled_reason=disabled_reason,
+        retrying=changes.get("pending_scheduled_for") is not None,
     )
     metrics.EXECUTIONS.labels(outcome.status, job.schedule_type).inc()
     logger.info(
@@ -725,14 +726,28 @@ def write_completion_notifications(
     output: str,
     error: str,
     disabled_reason: str,
+    retrying: bool = False,
 ) -> None:
     """Write the notification rows of one completion, inside its fenced transaction.
 
     Called by `finish` after the execution and job rows are written and before the transaction
-    commits, so a message exists exactly when the completion does. The notifications app fills
-    this in (result messages per the job's notify settings, NOTHING_TO_REPORT sends nothing, and
-    the owner is told when `disabled_reason` disables the job); until then it writes nothing.
+    commits, so a message exists exactly when the completion does (`job` is the row as read at
+    the start of the completion). `retrying` says a failed attempt will be retried: only the
+    occurrence's final attempt reports a failure. Result messages follow the job's notify
+    settings, NOTHING_TO_REPORT sends nothing, and the owner is told when `disabled_reason`
+    disables the job. Delivery is queued when the transaction commits.
     """
+    from notifications.writing import write_completion_rows
+
+    write_completion_rows(
+        job=job,
+        execution_id=execution_id,
+        status=status,
+        output=output,
+        error=error,
+        disabled_reason=disabled_reason,
+        retrying=retrying,
+    )
 
 
 # --- recovery and retention --------------------------------------------------------------------
