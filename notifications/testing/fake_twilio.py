@@ -1,0 +1,275 @@
+"""A fake Twilio Messages API over real HTTP, for tests and fault drills.
+
+It speaks what the `twilio` package sends: `POST /2010-04-01/Accounts/{sid}/Messages.json` with
+form parameters and Basic authentication, answering 201 with a message resource as JSON, or an
+error body `{code, message, more_info, status}` like Twilio's. After accepting a message it posts
+signed status callbacks (`X-Twilio-Signature`, computed with the `twilio` package's
+RequestValidator) to the message's `StatusCallback` URL.
+
+Failure modes can be changed while it runs (thread-safe):
+- `script(*actions)`: the next requests take these actions in order, one each: "ok", "drop"
+  (close the connection without answering), an HTTP status (500, 503, 429...), or
+  `("error", http_status, twilio_code)`.
+- `fail_number(number, http_status, code)`: every message to `number` gets that error.
+- `outside_window(number)`: free-form messages to `number` are accepted, then fail by callback
+  with error 63016; messages with a ContentSid (an approved template) are delivered.
+- `hold()` / `release()`: accepted requests wait before answering (a crash can be staged).
+- `callback_statuses`: the statuses sent after acceptance (default sent, delivered).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl
+
+from twilio.request_validator import RequestValidator
+
+ERROR_MESSAGES = {
+    21211: "The 'To' number is not a valid phone number.",
+    21610: "Attempt to send to unsubscribed recipient",
+    21614: "'To' number is not a valid mobile number",
+    63016: "Failed to send freeform message because you are outside the allowed window.",
+    63024: "Invalid message recipient",
+    20003: "Authenticate",
+    20429: "Too Many Requests",
+    20500: "Internal Server Error",
+}
+_STATUS_CODES = {429: 20429, 500: 20500, 503: 20503}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class FakeTwilio:
+    def __init__(
+        self, account_sid: str = "AC" + "f" * 32, auth_token: str = "fake-twilio-auth-token"
+    ) -> None:
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.callback_statuses: list[str] = ["sent", "delivered"]
+        self.callback_delay_secs = 0.3
+        self.requests: list[dict[str, str]] = []
+        self.accepted: list[dict[str, str]] = []
+        self.callbacks: list[tuple[str, dict[str, str], int]] = []
+        self._actions: deque[Any] = deque()
+        self._failing: dict[str, tuple[int, int]] = {}
+        self._outside: set[str] = set()
+        self._held = threading.Event()
+        self._held.set()
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+
+    # --- control ---------------------------------------------------------------------------
+
+    def start(self) -> FakeTwilio:
+        fake = self
+
+        class Handler(_Handler):
+            server_fake = fake
+
+        self._server = _Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._held.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def __enter__(self) -> FakeTwilio:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def script(self, *actions: Any) -> None:
+        with self._lock:
+            self._actions.extend(actions)
+
+    def fail_number(self, number: str, http_status: int, code: int) -> None:
+        with self._lock:
+            self._failing[number] = (http_status, code)
+
+    def outside_window(self, number: str) -> None:
+        with self._lock:
+            self._outside.add(number)
+
+    def hold(self) -> None:
+        self._held.clear()
+
+    def release(self) -> None:
+        self._held.set()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._actions.clear()
+            self._failing.clear()
+            self._outside.clear()
+            self.requests.clear()
+            self.accepted.clear()
+            self.callbacks.clear()
+        self._held.set()
+
+    def bodies_to(self, number: str) -> list[str]:
+        with self._lock:
+            return [m.get("Body", "") for m in self.accepted if m["To"] == f"whatsapp:{number}"]
+
+    # --- behaviour -------------------------------------------------------------------------
+
+    def _next_action(self, params: dict[str, str]) -> Any:
+        with self._lock:
+            self.requests.append(params)
+            to = params.get("To", "").removeprefix("whatsapp:")
+            if self._actions:
+                return self._actions.popleft()
+            if to in self._failing:
+                status, code = self._failing[to]
+                return ("error", status, code)
+        return "ok"
+
+    def _accept(self, params: dict[str, str]) -> dict[str, Any]:
+        sid = "SM" + uuid.uuid4().hex
+        message = {**params, "Sid": sid}
+        to = params.get("To", "").removeprefix("whatsapp:")
+        with self._lock:
+            self.accepted.append(message)
+            outside = to in self._outside and not params.get("ContentSid")
+        statuses = [("failed", "63016")] if outside else [(s, "") for s in self.callback_statuses]
+        if params.get("StatusCallback"):
+            threading.Thread(
+                target=self._send_callbacks, args=(message, statuses), daemon=True
+            ).start()
+        return _resource(self.account_sid, message)
+
+    def _send_callbacks(self, message: dict[str, str], statuses: list[tuple[str, str]]) -> None:
+        url = message["StatusCallback"]
+        for status, error_code in statuses:
+            time.sleep(self.callback_delay_secs)
+            params = {
+                "MessageSid": message["Sid"],
+                "SmsSid": message["Sid"],
+                "AccountSid": self.account_sid,
+                "MessageStatus": status,
+                "To": message.get("To", ""),
+                "From": message.get("From", ""),
+                "ApiVersion": "2010-04-01",
+            }
+            if error_code:
+                params["ErrorCode"] = error_code
+            self.callbacks.append((url, params, self.post_callback(url, params)))
+
+    def post_callback(self, url: str, params: dict[str, str], signature: str | None = None) -> int:
+        """POST a status callback to `url`, signed unless `signature` is given; the status."""
+        if signature is None:
+            signature = RequestValidator(self.auth_token).compute_signature(url, params)
+        data = urllib.parse.urlencode(params).encode()
+        request = urllib.request.Request(url, data=data, method="POST")
+        request.add_header("Content-Type", "application/x-www-form-urlencoded")
+        if signature:
+            request.add_header("X-Twilio-Signature", signature)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+
+def _resource(account_sid: str, message: dict[str, str]) -> dict[str, Any]:
+    now = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+    sid = message["Sid"]
+    return {
+        "sid": sid,
+        "account_sid": account_sid,
+        "api_version": "2010-04-01",
+        "body": message.get("Body", ""),
+        "date_created": now,
+        "date_updated": now,
+        "date_sent": None,
+        "direction": "outbound-api",
+        "error_code": None,
+        "error_message": None,
+        "from": message.get("From"),
+        "to": message.get("To"),
+        "messaging_service_sid": None,
+        "num_media": "0",
+        "num_segments": "1",
+        "price": None,
+        "price_unit": "USD",
+        "status": "queued",
+        "uri": f"/2010-04-01/Accounts/{account_sid}/Messages/{sid}.json",
+        "subresource_uris": {},
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_fake: FakeTwilio
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        fake = self.server_fake
+        length = int(self.headers.get("Content-Length") or 0)
+        params = dict(parse_qsl(self.rfile.read(length).decode(), keep_blank_values=True))
+        expected = f"/2010-04-01/Accounts/{fake.account_sid}/Messages.json"
+        if self.path.split("?")[0] != expected:
+            return self._error(404, 20404)
+        if not self._authorised(fake):
+            return self._error(401, 20003)
+        action = fake._next_action(params)
+        if action == "drop":
+            self.close_connection = True
+            return
+        if isinstance(action, int):
+            return self._error(action, _STATUS_CODES.get(action, 20500))
+        if isinstance(action, tuple):
+            _, status, code = action
+            return self._error(status, code)
+        fake._held.wait(60)
+        self._send(201, fake._accept(params))
+
+    def _authorised(self, fake: FakeTwilio) -> bool:
+        header = self.headers.get("Authorization", "")
+        expected = base64.b64encode(f"{fake.account_sid}:{fake.auth_token}".encode()).decode()
+        return header == f"Basic {expected}"
+
+    def _error(self, status: int, code: int) -> None:
+        self._send(
+            status,
+            {
+                "code": code,
+                "message": ERROR_MESSAGES.get(code, "Error"),
+                "more_info": f"https://www.twilio.com/docs/errors/{code}",
+                "status": status,
+            },
+        )
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
