@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from notifications import rules
-from notifications.models import Kind, Notification
+from notifications.models import Contact, Kind, Notification
 from schedules import claims
 from schedules.claims import Outcome
-from schedules.models import ExecutionStatus
+from schedules.models import ExecutionStatus, Job
 from tests.notification_support import verified_contact
 from tests.worker_support import due_job
 
@@ -61,8 +61,6 @@ def test_the_token_inside_a_sentence_is_sent_without_the_token(owner, output):
 
 def test_a_result_goes_to_every_verified_contact_once_with_an_idempotency_key(owner, make_user):
     verified_contact(owner, "+14155550002")
-    from notifications.models import Contact
-
     Contact.objects.create(owner=owner, channel="whatsapp", address="+14155550003")
     job = due_job(owner, name="daily")
     complete(job, output="Done.")
@@ -72,14 +70,15 @@ def test_a_result_goes_to_every_verified_contact_once_with_an_idempotency_key(ow
     assert len({r.idempotency_key for r in rows}) == 2
 
 
-def test_notify_on_decides_success_and_failure(owner):
+def test_notify_on_success_only_skips_failures_and_the_reverse(owner, picobot_config):
+    picobot_config("scheduler", max_retries=0)
     complete(due_job(owner, notify_on=["failure"]), output="fine")
+    complete(due_job(owner, notify_on=["success"]), status=S.FAILED, error="boom")
     assert not Notification.objects.exists()
-    job = due_job(owner, notify_on=["failure"], name="f")
-    from schedules.models import Job
 
-    Job.objects.exclude(pk=job.pk).update(next_run_at=None)
-    complete(job, status=S.FAILED, error="boom")  # retried later: not final yet
+
+def test_a_failed_attempt_that_will_be_retried_reports_nothing_yet(owner):
+    complete(due_job(owner), status=S.FAILED, error="boom")
     assert not Notification.objects.exists()
 
 
@@ -114,15 +113,13 @@ def test_notify_channels_limits_where_results_go(owner):
 def test_a_superseded_completion_writes_nothing(owner):
     job = due_job(owner)
     [claim] = claims.claim_due("w", 1).claims
-    from schedules.models import Job
-
     Job.objects.filter(pk=job.pk).update(claim_token=None)  # another worker took it over
     assert claims.complete(claim, Outcome(S.SUCCEEDED, output="late")) == S.SUPERSEDED
     assert not Notification.objects.exists()
 
 
 def test_a_run_that_used_the_notify_tool_does_not_send_its_result(owner):
-    job = due_job(owner)
+    due_job(owner)
     [claim] = claims.claim_due("w", 1).claims
     Notification.objects.create(
         owner=owner,
