@@ -162,3 +162,12 @@ def _row(owner: Any, contact: Contact) -> Notification:
         idempotency_key=f"test:{contact.pk}",
         next_attempt_at=db_now(),
     )
+
+
+@pytest.mark.parametrize(
+    "url", ["https://169.254.169.254/latest", "https://[fd00:ec2::254]/", "https://2130706433/"]
+)
+def test_metadata_and_numeric_hosts_are_refused_whatever_the_grant(make_user, api_client_for, url):
+    grant = [*GRANT, "net:169.254.169.254", "net:[fd00:ec2::254]"]
+    answer = add(api_client_for(make_user(grant=grant)), url)
+    assert answer.status_code == 400 and "address" in answer.json()

@@ -1,9 +1,10 @@
 """Webhooks: a signed JSON POST to the contact's https URL.
 
-The address rules are the Kernel's (`kernel.tools.http_fetch`: the name is resolved once and the
-connection pinned to that address; loopback, private, link-local, metadata and the other
-non-public ranges are refused unless the owner's grant names that IP literal exactly), checked
-when the contact is created and again at every delivery. Redirects are never followed, the
+The address rule is the Kernel's one rule (`kernel.netpolicy.resolve_allowed`, as for
+`http_fetch`): the name is resolved once and the connection pinned to that address (http_fetch's
+`Target` and pinned connection); loopback, private and the other non-public ranges are refused
+unless the owner's grant names that IP literal exactly, link-local and metadata addresses
+always. It is checked when the contact is created and again at every delivery. Redirects are never followed, the
 request is bounded by TIMEOUT_SECS, and proxies from the environment play no part.
 
 Signature: `X-PicoBot-Timestamp: <unix seconds>` and
@@ -22,9 +23,11 @@ import json
 import time
 from typing import Any
 
-from kernel.context import ToolContext, lenient_capability_set
+from kernel import netpolicy
+from kernel.context import lenient_capability_set
+from kernel.netpolicy import resolve_allowed
 from kernel.tools import ToolError
-from kernel.tools.http_fetch import Target, _connection, resolve
+from kernel.tools.http_fetch import Target, _connection
 from notifications.channels import Channel, DeliveryError, Message
 
 TIMEOUT_SECS = 10
@@ -43,15 +46,20 @@ def check_url(url: str, grant: tuple[str, ...] | list[str]) -> tuple[Target, Any
         raise AddressRefused(f"the URL is longer than {MAX_URL_CHARS} characters")
     try:
         target = Target(url)
+        permission = target.permission()  # refuses host names resolvers read as numbers
     except ToolError as exc:
         raise AddressRefused(str(exc)) from None
     if target.scheme != "https":
         raise AddressRefused("webhook URLs must use https")
-    context = ToolContext(user=None, capabilities=lenient_capability_set(grant))  # type: ignore[arg-type]
+    granted = lenient_capability_set(grant).allows_exactly(permission)
+    literal_granted = target.address is not None and granted
     try:
-        return target, resolve(target, context)
-    except ToolError as exc:
+        addresses = resolve_allowed(
+            target.connect_name, target.port, literal_granted=literal_granted
+        )
+    except netpolicy.AddressRefused as exc:
         raise AddressRefused(str(exc)) from None
+    return target, addresses[0]
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
