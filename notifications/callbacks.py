@@ -55,11 +55,12 @@ def _resend_through_template(sid: str) -> None:
         rows.update(last_error="outside WhatsApp's 24-hour window and no template is configured")
         return
     ids = list(rows.values_list("id", flat=True))
+    now = db_now()
     Notification.objects.filter(id__in=ids, status=Status.SENT, via_template=False).update(
         status=Status.PENDING,
         via_template=True,
-        next_attempt_at=db_now(),
-        enqueued_at=None,
+        next_attempt_at=now,
+        enqueued_at=now,
         last_error="outside WhatsApp's 24-hour window: resending through the template",
     )
     logger.info("message %s was outside the 24-hour window; resending through the template", sid)

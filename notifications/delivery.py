@@ -50,13 +50,15 @@ def code_hmac(contact_id: int, code: str) -> str:
 
 
 def enqueue_on_commit(ids: list[int]) -> None:
-    """Queue delivery of `ids` once the current transaction commits (at once outside one)."""
+    """Queue delivery of `ids` once the current transaction commits (at once outside one).
+    The rows must carry `enqueued_at` already (written with them)."""
     if ids:
-        transaction.on_commit(lambda: enqueue(ids))
+        transaction.on_commit(lambda: enqueue(ids, mark=False))
 
 
-def enqueue(ids: list[int]) -> None:
-    """Queue one delivery task per row. A row left unqueued (an error here) is the sweep's."""
+def enqueue(ids: list[int], *, mark: bool = True) -> None:
+    """Queue one delivery task per row (and, with `mark`, record when). A row left unqueued
+    (an error here) is the sweep's once its `enqueued_at` is a lease old."""
     from django_q.tasks import async_task
 
     queued = []
@@ -67,7 +69,7 @@ def enqueue(ids: list[int]) -> None:
             logger.exception("could not queue notification=%s; the sweep will", notification_id)
             continue
         queued.append(notification_id)
-    if queued:
+    if queued and mark:
         Notification.objects.filter(id__in=queued, status=Status.PENDING).update(
             enqueued_at=db_now()
         )

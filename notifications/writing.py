@@ -9,6 +9,7 @@ It may be called once per completion inside a larger transaction that completes 
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from notifications import rules
@@ -63,8 +64,10 @@ def write_completion_rows(
     error: str,
     disabled_reason: str,
     retrying: bool = False,
+    now: datetime | None = None,
 ) -> list[int]:
-    """Write (and queue on commit) the rows of one completion; returns their ids."""
+    """Write (and queue on commit) the rows of one completion; returns their ids. `now` is the
+    completion's database time (read again when not given)."""
     if retrying and status in FAILURE_STATUSES:
         status = "retrying"  # the occurrence is not over: its final attempt reports
     messages = completion_messages(job, execution_id, status, output, error, disabled_reason)
@@ -77,7 +80,7 @@ def write_completion_rows(
             rows.append(_row(job.owner_id, channel, contact, kind, body, key))
     for row in rows:
         row.job_id, row.execution_id = job.pk, execution_id
-    return write_rows(rows)
+    return write_rows(rows, now)
 
 
 def _row(
@@ -93,13 +96,14 @@ def _row(
     )
 
 
-def write_rows(rows: list[Notification]) -> list[int]:
+def write_rows(rows: list[Notification], now: datetime | None = None) -> list[int]:
     """Insert `rows` (a row whose key exists already is skipped) and queue them on commit."""
     if not rows:
         return []
-    now = db_now()
+    now = now or db_now()
     for row in rows:
-        row.next_attempt_at = now
+        # Marked queued now: if queueing at commit fails, the sweep finds them a lease later.
+        row.next_attempt_at = row.enqueued_at = now
     Notification.objects.bulk_create(rows, ignore_conflicts=True)
     keys = [row.idempotency_key for row in rows]
     ids = list(

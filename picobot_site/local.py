@@ -43,7 +43,9 @@ def ensure_admin() -> tuple[str, str]:
     password = secrets.token_urlsafe(12)
     user = User.objects.filter(username="admin").first()
     if user is None:
-        User.objects.create_superuser("admin", email="", password=password, grant=["schedule:*"])
+        User.objects.create_superuser(
+            "admin", email="", password=password, grant=["schedule:*", "notify:*"]
+        )
     else:
         user.set_password(password)
         user.save(update_fields=["password"])

@@ -624,6 +624,7 @@ def finish(job: Job, execution: Execution, token: UUID, outcome: Outcome, now: d
         error=outcome.error,
         disabled_reason=disabled_reason,
         retrying=changes.get("pending_scheduled_for") is not None,
+        now=now,
     )
     metrics.EXECUTIONS.labels(outcome.status, job.schedule_type).inc()
     logger.info(
@@ -727,13 +728,14 @@ def write_completion_notifications(
     error: str,
     disabled_reason: str,
     retrying: bool = False,
+    now: datetime | None = None,
 ) -> None:
     """Write the notification rows of one completion, inside its fenced transaction.
 
     Called by `finish` after the execution and job rows are written and before the transaction
     commits, so a message exists exactly when the completion does (`job` is the row as read at
     the start of the completion). `retrying` says a failed attempt will be retried: only the
-    occurrence's final attempt reports a failure. Result messages follow the job's notify
+    occurrence's final attempt reports a failure; `now` is the completion's database time. Result messages follow the job's notify
     settings, NOTHING_TO_REPORT sends nothing, and the owner is told when `disabled_reason`
     disables the job. Delivery is queued when the transaction commits.
     """
@@ -747,6 +749,7 @@ def write_completion_notifications(
         error=error,
         disabled_reason=disabled_reason,
         retrying=retrying,
+        now=now,
     )
 
 

@@ -143,3 +143,25 @@ def test_the_sweep_schedule_is_made_idempotently(picobot_config):
     delivery.ensure_sweep_schedule()
     [schedule] = Schedule.objects.filter(name=delivery.SWEEP_SCHEDULE_NAME)
     assert (schedule.schedule_type, schedule.minutes) == (Schedule.MINUTES, 2)
+
+
+def test_a_delivery_that_outlived_its_lease_changes_nothing(owner):
+    from datetime import timedelta
+
+    row = Notification.objects.create(
+        owner=owner,
+        channel="console",
+        kind=Kind.RESULT,
+        body="slow",
+        idempotency_key="slow",
+        next_attempt_at=db_now(),
+    )
+    first = delivery._take(row.pk)
+    Notification.objects.filter(pk=row.pk).update(lease_expires_at=db_now() - timedelta(seconds=1))
+    delivery.sweep()
+    second = delivery._take(row.pk)
+    assert (first.attempts, second.attempts) == (1, 2)
+    assert delivery._sent(first, "late") == "superseded"
+    row.refresh_from_db()
+    assert (row.status, row.attempts, row.provider_message_id) == (Status.SENDING, 2, "")
+    assert delivery._sent(second, "") == Status.SENT
