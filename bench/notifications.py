@@ -137,7 +137,11 @@ def main() -> None:
             ]
         finally:
             os.killpg(cluster.pid, signal.SIGTERM)
-            cluster.wait(timeout=60)
+            try:
+                cluster.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(cluster.pid, signal.SIGKILL)
+                cluster.wait(timeout=15)
             twilio.stop()
         reset()
     print(
