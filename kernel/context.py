@@ -226,6 +226,11 @@ class ScheduledRunCapabilities:
     def allows(self, required: Permission) -> bool:
         return self.snapshot.allows(required) and self.current_grant().allows(required)
 
+    def narrowed_by_grant(self, required: Permission) -> bool:
+        """True when the snapshot allows `required` and only the owner's current grant (narrowed
+        or revoked since, or the owner deactivated) refuses it."""
+        return self.snapshot.allows(required) and not self.current_grant().allows(required)
+
     def allows_exactly(self, required: Permission) -> bool:
         # Both must name the permission itself: a wildcard in the grant (`net:*`) does not let
         # the snapshot or a chat session unlock a private host by naming it exactly.

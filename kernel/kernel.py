@@ -273,7 +273,7 @@ class Kernel:
             return _invalid(tool_name, f"invalid arguments: {exc}")
         missing = [p for p in required if not context.capabilities.allows(p)]
         if missing:
-            return _denied(tool_name, missing)
+            return _denied(tool_name, missing, detail=denial_message(missing, context))
         audit.row_id = self._record_start(tool.name, args, context)
         return self._run(tool, args, _with_audit(context, audit.row_id))
 
@@ -404,9 +404,20 @@ def _error(tool: str, message: str) -> ToolResult:
     return ToolResult(tool, ToolDecision.ERROR, f"error: {message}", error=message)
 
 
+def denial_message(missing: list[Permission], context: ToolContext) -> str:
+    """Why the call is refused, in the words of whoever narrowed it: the run's (or session's)
+    own capabilities, or the owner's grant when an operator has narrowed it since."""
+    names = ", ".join(str(p) for p in missing)
+    narrowed = getattr(context.capabilities, "narrowed_by_grant", None)
+    holder = "this session" if context.session_id and not context.execution_id else "this run"
+    if narrowed is not None and all(narrowed(p) for p in missing):
+        return f"permission denied: this call needs {names}, which the owner's grant no longer includes"
+    return f"permission denied: this call needs {names}, which {holder} was not given"
+
+
 def _denied(tool: str, missing: list[Permission], detail: str = "") -> ToolResult:
     names = ", ".join(str(p) for p in missing)
-    message = detail or f"permission denied: this call needs {names}, which this run does not have"
+    message = detail or f"permission denied: this call needs {names}, which this run was not given"
     if "permission denied" not in message:
         message = f"permission denied: {message}"
     return ToolResult(tool, ToolDecision.DENIED, message, missing_permission=names, error="")

@@ -122,11 +122,19 @@ def _spec(values: Mapping[str, Any], now: datetime) -> ScheduleSpec:
             interval_secs=values.get("interval_secs"),
             cron=values.get("cron") or "",
             timezone=values.get("timezone") or "UTC",
+            timezone_given=bool(values.get("timezone")),
             now=now,
             min_interval_secs=config.min_interval_secs,
         )
     except ScheduleError as exc:
-        raise ScheduleInvalid({exc.field: [exc.message]}) from None
+        raise ScheduleInvalid({exc.field: [sentence(exc.message)]}) from None
+
+
+def sentence(message: str) -> str:
+    """A schedule rule's message written like the API's other reasons: a capital, a full stop."""
+    if message[:1].islower():
+        message = message[0].upper() + message[1:]
+    return message if message.endswith((".", "?", "!")) else message + "."
 
 
 def _spec_fields(spec: ScheduleSpec) -> dict[str, Any]:

@@ -139,12 +139,12 @@ class StrictChoiceField(serializers.ChoiceField):
 
 @extend_schema_field(OpenApiTypes.DATETIME)
 class AwareDateTimeField(serializers.Field):
-    """An ISO 8601 date-time with an explicit UTC offset, returned as an aware UTC datetime."""
+    """An ISO 8601 date-time: with an offset it becomes an aware UTC datetime; without one it
+    stays naive, for `schedules.timing.parse_run_at` to read in the request's `timezone`."""
 
     default_error_messages = {
-        "invalid": "Must be an ISO 8601 date-time with an explicit offset, "
-        "e.g. 2030-01-31T09:00:00+01:00.",
-        "naive": "Give an explicit UTC offset (e.g. +00:00 or Z).",
+        "invalid": "Must be an ISO 8601 date-time, e.g. 2030-01-31T09:00:00+01:00 (or a local "
+        "time such as 2030-01-31T09:00:00 together with `timezone`).",
     }
 
     def to_internal_value(self, data: Any) -> datetime:
@@ -157,7 +157,7 @@ class AwareDateTimeField(serializers.Field):
         if parsed is None:
             self.fail("invalid")
         if parsed.tzinfo is None or parsed.utcoffset() is None:
-            self.fail("naive")
+            return parsed.replace(tzinfo=None)
         try:
             return parsed.astimezone(UTC)
         except (OverflowError, ValueError):
@@ -223,7 +223,10 @@ class ScheduleInputSerializer(serializers.Serializer):
     run_at = AwareDateTimeField(
         required=False,
         allow_null=True,
-        help_text="once: when to run (explicit offset, in the future). interval: the first run.",
+        help_text="once: when to run, in the future. interval: the first run. ISO 8601 with an "
+        "offset (2030-01-31T09:00:00+01:00), or a local time without one read in `timezone` "
+        "(which must then be given): a local time the clocks skip is refused, one that occurs "
+        "twice means its first occurrence.",
     )
     interval_secs = StrictIntegerField(
         required=False, allow_null=True, min_value=1, max_value=MAX_DB_INT
@@ -237,7 +240,8 @@ class ScheduleInputSerializer(serializers.Serializer):
     timezone = StrictCharField(
         required=False,
         max_length=MAX_TIMEZONE_CHARS,
-        help_text="An IANA time zone name; default UTC.",
+        help_text="An IANA region name such as Europe/London; default UTC. Abbreviations (EST, "
+        "PST8PDT, CET, ...) are refused: use the region, or Etc/GMT+5 / UTC for a fixed offset.",
     )
     capabilities = PermissionListField(
         required=False,
@@ -366,6 +370,9 @@ class ScheduleSerializer(serializers.ModelSerializer):
         for name, field in fields:
             value = field.get_attribute(instance)
             shown[name] = None if value is None else field.to_representation(value)
+        if not instance.enabled:
+            # A disabled schedule has no next run; re-enabling computes one from then.
+            shown["next_run_at"] = None
         return shown
 
     @extend_schema_field(NextRunSerializer(many=True))

@@ -380,17 +380,63 @@ def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
+# Abbreviation zones: each names an offset (EST is UTC-5 all year) or a pair of old US rules, not
+# a place, so a user who writes one almost always means a region's local time, daylight saving
+# included. They are refused with the region names that use them; `Etc/GMT+5` and `UTC` remain
+# for a fixed offset. Common abbreviations that are not zone names at all get the same help.
+_ABBREVIATION_ZONES: dict[str, str] = {
+    "EST": "America/New_York (Eastern time), or America/Panama or Etc/GMT+5 for UTC-5 all year",
+    "EDT": "America/New_York",
+    "EST5EDT": "America/New_York",
+    "CST": "America/Chicago (US Central time) or Asia/Shanghai (China)",
+    "CDT": "America/Chicago",
+    "CST6CDT": "America/Chicago",
+    "MST": "America/Denver (Mountain time), or America/Phoenix or Etc/GMT+7 for UTC-7 all year",
+    "MDT": "America/Denver",
+    "MST7MDT": "America/Denver",
+    "PST": "America/Los_Angeles",
+    "PDT": "America/Los_Angeles",
+    "PST8PDT": "America/Los_Angeles",
+    "HST": "Pacific/Honolulu",
+    "AKST": "America/Anchorage",
+    "CET": "Europe/Paris, Europe/Berlin or another Central European city",
+    "CEST": "Europe/Paris, Europe/Berlin or another Central European city",
+    "MET": "Europe/Paris, Europe/Berlin or another Central European city",
+    "EET": "Europe/Athens, Europe/Helsinki or Europe/Bucharest",
+    "WET": "Europe/Lisbon",
+    "BST": "Europe/London",
+    "IST": "Asia/Kolkata (India), Europe/Dublin (Ireland) or Asia/Jerusalem (Israel)",
+    "JST": "Asia/Tokyo",
+    "AEST": "Australia/Sydney",
+}
+
+
+@lru_cache(maxsize=1)
+def _zone_names_by_case() -> dict[str, str]:
+    return {name.casefold(): name for name in _zone_names()}
+
+
 def validate_timezone(value: Any) -> str:
-    """An IANA zone name, or ScheduleError("timezone", ...)."""
+    """An IANA region name (or UTC / Etc/GMT±N), or ScheduleError("timezone", ...).
+
+    The abbreviation zones (EST, MST, HST, EST5EDT, CET, ...) are refused with the region names
+    that use them. This is the one rule for the API, the `schedule` tool and heartbeats."""
     if not isinstance(value, str):
         raise ScheduleError("timezone", "must be a string naming an IANA time zone")
     if not value:
         raise ScheduleError("timezone", "must not be empty (for example 'UTC' or 'Europe/London')")
-    if len(value) > MAX_TIMEZONE_LENGTH or value not in _zone_names():
-        shown = value[:40].encode("ascii", "backslashreplace").decode("ascii")
+    shown = value[:40].encode("ascii", "backslashreplace").decode("ascii")
+    suggestion = _ABBREVIATION_ZONES.get(value.upper()) if len(value) <= 8 else None
+    if suggestion is not None:
         raise ScheduleError(
-            "timezone", f"unknown time zone {shown!r}: use an IANA name such as 'Europe/London'"
+            "timezone",
+            f"{shown!r} is an abbreviation, not a region, and has no daylight-saving rules of "
+            f"its own: use {suggestion} (for a fixed offset: 'UTC' or 'Etc/GMT+5', which is UTC-5)",
         )
+    if len(value) > MAX_TIMEZONE_LENGTH or value not in _zone_names():
+        close = _zone_names_by_case().get(value.casefold()) if len(value) < 64 else None
+        hint = f"did you mean {close!r}?" if close else "use an IANA name such as 'Europe/London'"
+        raise ScheduleError("timezone", f"unknown time zone {shown!r}: {hint}")
     return value
 
 
@@ -417,23 +463,59 @@ def validate_cron(value: Any, *, min_interval_secs: int) -> str:
     return expr
 
 
-def _aware(field: str, value: Any) -> datetime:
+def _parsed_datetime(field: str, value: Any) -> datetime:
     if isinstance(value, str):
         try:
-            value = datetime.fromisoformat(value)
+            value = datetime.fromisoformat(value.strip()) if len(value) <= 64 else None
         except ValueError:
-            raise ScheduleError(field, "must be an ISO 8601 date-time with an offset") from None
+            value = None
+        if value is None:
+            raise ScheduleError(
+                field, "must be an ISO 8601 date-time, for example 2030-01-31T09:00:00+01:00"
+            )
     if not isinstance(value, datetime):
-        raise ScheduleError(field, "must be a date-time with an offset")
-    if value.tzinfo is None or value.utcoffset() is None:
+        raise ScheduleError(field, "must be an ISO 8601 date-time")
+    return value
+
+
+def local_to_utc(field: str, local: datetime, zone_name: str) -> datetime:
+    """The instant of the naive local time `local` in `zone_name`.
+
+    A local time the clocks skip (spring forward) is refused; one that occurs twice (fall back)
+    means its first occurrence."""
+    zone = _zone(zone_name)
+    first = local.replace(tzinfo=zone, fold=0)
+    if first.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != local:
         raise ScheduleError(
-            field, "must have an explicit UTC offset (for example 2027-01-01T09:00:00+01:00)"
+            field,
+            f"{local.isoformat()} does not exist in {zone_name} (the clocks skip it): give "
+            "another time",
         )
-    return value.astimezone(UTC)
+    return first.astimezone(UTC)
 
 
-def _future(field: str, value: Any, now: datetime, max_ahead: timedelta) -> datetime:
-    when = _aware(field, value)
+def parse_run_at(value: Any, timezone: str | None, *, field: str = "run_at") -> datetime:
+    """`run_at` as an aware UTC instant: ISO 8601 with an offset, or a local time in `timezone`.
+
+    The one parser the API and the `schedule` tool share. `timezone` is the zone the caller
+    stated (None when they stated none: a time without an offset is then refused). A skipped
+    local time is refused; a repeated one means its first occurrence."""
+    when = _parsed_datetime(field, value)
+    if when.tzinfo is not None and when.utcoffset() is not None:
+        return when.astimezone(UTC)
+    if timezone is None:
+        raise ScheduleError(
+            field,
+            "has no UTC offset: give one (2030-01-31T09:00:00+01:00, or ...Z for UTC) or a "
+            "`timezone` to read it in",
+        )
+    return local_to_utc(field, when.replace(tzinfo=None), validate_timezone(timezone))
+
+
+def _future(
+    field: str, value: Any, timezone: str | None, now: datetime, max_ahead: timedelta
+) -> datetime:
+    when = parse_run_at(value, timezone, field=field)
     if when <= now:
         raise ScheduleError(field, "must be in the future")
     if when - now > max_ahead:
@@ -441,10 +523,16 @@ def _future(field: str, value: Any, now: datetime, max_ahead: timedelta) -> date
     return when
 
 
+def article(word: str) -> str:
+    """`word` with its indefinite article: "an interval", "a cron", "a once" (by sound)."""
+    vowel_sound = word[:1].lower() in "aeiou" and not word.lower().startswith(("one", "once", "u"))
+    return f"{'an' if vowel_sound else 'a'} {word}"
+
+
 def _refuse_foreign(schedule_type: str, **given: bool) -> None:
     for field, present in given.items():
         if present:
-            raise ScheduleError(field, f"does not apply to a {schedule_type} schedule")
+            raise ScheduleError(field, f"does not apply to {article(schedule_type)} schedule")
 
 
 def validate_spec(
@@ -455,24 +543,29 @@ def validate_spec(
     cron: Any = "",
     timezone: Any = "UTC",
     now: datetime,
+    timezone_given: bool = False,
     min_interval_secs: int,
     max_ahead: timedelta = timedelta(days=365),
 ) -> ScheduleSpec:
-    """Check and normalise a schedule; raises ScheduleError naming the API field at fault."""
+    """Check and normalise a schedule; raises ScheduleError naming the API field at fault.
+
+    `run_at` may be a local time without an offset when the caller stated `timezone`
+    (`timezone_given`); it is read there (see `parse_run_at`)."""
     if schedule_type not in SCHEDULE_TYPES:
         raise ScheduleError("schedule_type", "must be one of: once, interval, cron")
     zone_name = validate_timezone(timezone)
+    read_in = zone_name if timezone_given else None
     has_cron = not (cron is None or (isinstance(cron, str) and not cron.strip()))
     if schedule_type == ONCE:
         _refuse_foreign(ONCE, interval_secs=interval_secs is not None, cron=has_cron)
         if run_at is None:
             raise ScheduleError("run_at", "is required for a once schedule")
-        when = _future("run_at", run_at, now, max_ahead)
+        when = _future("run_at", run_at, read_in, now, max_ahead)
         return ScheduleSpec(ONCE, when, None, "", zone_name)
     if schedule_type == INTERVAL:
         _refuse_foreign(INTERVAL, cron=has_cron)
         secs = _interval(interval_secs, min_interval_secs, max_ahead)
-        first = None if run_at is None else _future("run_at", run_at, now, max_ahead)
+        first = None if run_at is None else _future("run_at", run_at, read_in, now, max_ahead)
         return ScheduleSpec(INTERVAL, first, secs, "", zone_name)
     _refuse_foreign(CRON, run_at=run_at is not None, interval_secs=interval_secs is not None)
     if not has_cron:

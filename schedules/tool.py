@@ -31,7 +31,6 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
 from django.db import transaction
 from django.utils.dateparse import parse_datetime
@@ -55,7 +54,7 @@ from schedules.serializers import (
     ScheduleSerializer,
     upcoming_runs,
 )
-from schedules.timing import ScheduleError, ScheduleSpec, validate_timezone
+from schedules.timing import ScheduleSpec
 
 if TYPE_CHECKING:
     from kernel.context import ToolContext
@@ -236,7 +235,7 @@ class ScheduleTool(Tool):
     def _create(self, args: dict[str, Any], context: ToolContext) -> str:
         owner = context.user
         now = db_now()
-        data = _body(args, now=now, timezone=args.get("timezone"))
+        data = _body(args, now=now)
         _infer_type(data, current=None)
         if "max_executions" not in data:
             once = data.get("schedule_type") == ScheduleType.ONCE
@@ -308,7 +307,7 @@ class ScheduleTool(Tool):
             raise ToolError("id: required for update")
         job = _own_job(context.user, args["id"])
         now = db_now()
-        changes = _body(args, now=now, timezone=args.get("timezone", job.timezone))
+        changes = _body(args, now=now)
         if not changes:
             raise ToolError("give at least one field to change; nothing was updated")
         _infer_type(changes, current=job.schedule_type)
@@ -394,19 +393,20 @@ def _refuse_foreign_fields(action: str, args: dict[str, Any]) -> None:
         raise ToolError("; ".join(f"{name}: does not apply to action {action}" for name in foreign))
 
 
-def _body(args: dict[str, Any], *, now: datetime, timezone: object) -> dict[str, Any]:
+def _body(args: dict[str, Any], *, now: datetime) -> dict[str, Any]:
     """The lifecycle's create/PATCH body from the tool arguments, natural inputs normalised."""
     body = {key: value for key, value in args.items() if key not in ("action", "id")}
     if "run_at" in body:
-        body["run_at"] = normalise_run_at(body["run_at"], now=now, timezone=timezone)
+        body["run_at"] = normalise_run_at(body["run_at"], now=now)
     return body
 
 
-def normalise_run_at(value: object, *, now: datetime, timezone: object) -> str:
-    """`value` as ISO 8601 with an offset; raises ToolError naming the field.
+def normalise_run_at(value: object, *, now: datetime) -> str:
+    """`value` as ISO 8601; raises ToolError naming the field.
 
     Accepts "in N seconds/minutes/hours/days/weeks" (from `now`, the database's clock), ISO 8601
-    with an offset, and ISO 8601 without one, read in `timezone`.
+    with an offset, and ISO 8601 without one, which the lifecycle reads in the schedule's
+    `timezone` (`timing.parse_run_at`: a skipped local time refused, a repeated one its first).
     """
     if not isinstance(value, str):
         raise ToolError("run_at: must be a string such as 'in 10 minutes' or an ISO 8601 time")
@@ -429,27 +429,9 @@ def normalise_run_at(value: object, *, now: datetime, timezone: object) -> str:
             "run_at: use 'in 10 minutes', 'in 2 hours' or an ISO 8601 time such as "
             "2030-01-31T09:00:00+01:00"
         )
-    if parsed.utcoffset() is not None:
-        return parsed.isoformat()
-    return _localise(parsed, timezone).isoformat()
-
-
-def _localise(naive: datetime, timezone: object) -> datetime:
-    if timezone is None:
-        raise ToolError(
-            "run_at: give an offset (e.g. 2030-01-31T09:00:00+01:00 or ...Z) or a timezone"
-        )
-    try:
-        zone = ZoneInfo(validate_timezone(timezone))
-    except ScheduleError as exc:
-        raise ToolError(f"{exc.field}: {exc.message}") from None
-    local = naive.replace(tzinfo=zone)
-    if local.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != naive:
-        raise ToolError(
-            f"run_at: {naive.isoformat()} does not exist in {zone.key} (the clocks skip it); "
-            "give another time"
-        )
-    return local
+    # A time without an offset is read in the zone by the parser the API uses too
+    # (`timing.parse_run_at`, through the lifecycle), with the same rules and messages.
+    return parsed.isoformat()
 
 
 def _infer_type(data: dict[str, Any], *, current: str | None) -> None:
