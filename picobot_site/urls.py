@@ -1,17 +1,27 @@
-"""URL routes: the admin, the versioned REST API and its OpenAPI schema."""
+"""URL routes: the admin, the versioned REST API, its index, docs page and OpenAPI schema.
+
+API routes are declared without a trailing slash; `ApiTrailingSlash` makes both forms work."""
 
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView
+from django.urls import include, path, re_path
+from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularSwaggerView
+
+from picobot_site.api import ApiIndexView, SchemaView
 
 urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="api-docs"), name="home"),
     path("admin/", admin.site.urls),
+    re_path(r"^api/v1/?$", ApiIndexView.as_view(), name="api-index"),
+    path("api/v1/schema", SchemaView.as_view(), name="schema"),
     path(
-        "api/v1/schema",
-        SpectacularAPIView.as_view(authentication_classes=[], permission_classes=[]),
-        name="schema",
+        "api/v1/docs",
+        SpectacularSwaggerView.as_view(
+            url_name="schema", authentication_classes=[], permission_classes=[]
+        ),
+        name="api-docs",
     ),
     path("api/v1/", include("kernel.urls")),
     path("api/v1/", include("schedules.urls")),

@@ -219,7 +219,7 @@ class ScheduleInputSerializer(serializers.Serializer):
         trim_whitespace=False,
         help_text=f"What the agent is asked to do; 1 to {MAX_PROMPT_CHARS} characters.",
     )
-    schedule_type = StrictChoiceField(choices=ScheduleType.values)
+    schedule_type = StrictChoiceField(choices=ScheduleType.choices)
     run_at = AwareDateTimeField(
         required=False,
         allow_null=True,
@@ -253,7 +253,7 @@ class ScheduleInputSerializer(serializers.Serializer):
         required=False, allow_null=True, min_value=1, max_value=MAX_DB_INT
     )
     timeout_secs = StrictIntegerField(required=False, min_value=1, max_value=MAX_DB_INT)
-    misfire = StrictChoiceField(choices=Misfire.values, required=False)
+    misfire = StrictChoiceField(choices=Misfire.choices, required=False)
     notify_on = SubsetListField(choices=NOTIFY_ON_CHOICES, required=False)
     notify_channels = SubsetListField(
         choices=NOTIFY_CHANNEL_CHOICES,
@@ -390,10 +390,13 @@ class ScheduleSerializer(serializers.ModelSerializer):
 
 
 class ExecutionSerializer(serializers.ModelSerializer):
+    schedule = serializers.IntegerField(source="job_id", help_text="The schedule's id.")
+
     class Meta:
         model = Execution
         fields = (
             "id",
+            "schedule",
             "scheduled_for",
             "attempt",
             "status",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from rest_framework.routers import SimpleRouter
 
-from schedules.api import ScheduleViewSet
+from schedules.api import ExecutionViewSet, ScheduleViewSet
 
 router = SimpleRouter(trailing_slash=False)
 router.register("schedules", ScheduleViewSet, basename="schedule")
+router.register("executions", ExecutionViewSet, basename="execution")
 
 urlpatterns = router.urls

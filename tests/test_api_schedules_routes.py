@@ -30,7 +30,7 @@ SCHEDULE_FIELDS = {
     "last_error", "created_at", "updated_at", "next_runs", "cron_description",
 }  # fmt: skip
 EXECUTION_FIELDS = {
-    "id", "scheduled_for", "attempt", "status", "started_at", "finished_at", "output", "error",
+    "id", "schedule", "scheduled_for", "attempt", "status", "started_at", "finished_at", "output", "error",
     "cancel_requested_at",
 }  # fmt: skip
 

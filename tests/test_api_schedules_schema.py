@@ -77,14 +77,15 @@ def test_the_schema_describes_exactly_the_design_fields() -> None:
         "last_error", "created_at", "updated_at", "next_runs", "cron_description",
     }  # fmt: skip
     assert set(schedule) == writable | read_only
-    request = schemas["ScheduleInputRequest"]
+    request = schemas["ScheduleInput"]
     assert set(request["properties"]) == writable
     assert request["additionalProperties"] is False
     assert set(request["required"]) == {"prompt", "schedule_type"}
     assert request["properties"]["prompt"]["maxLength"] == 20_000
     assert request["properties"]["max_executions"]["minimum"] == 1
+    # `schedule`: the execution's schedule id, as executions are also listed across schedules.
     assert set(schemas["Execution"]["properties"]) == {
-        "id", "scheduled_for", "attempt", "status", "started_at", "finished_at", "output",
+        "id", "schedule", "scheduled_for", "attempt", "status", "started_at", "finished_at", "output",
         "error", "cancel_requested_at",
     }  # fmt: skip
     assert set(schemas["CapabilitiesDenied"]["properties"]) == {"detail", "missing"}

@@ -212,7 +212,7 @@ def test_the_chat_route_is_in_the_openapi_schema() -> None:
         schema = yaml.safe_load(response.content)
     operation = schema["paths"]["/api/v1/chat"]["post"]
     assert {"200", "400", "403", "404", "503"} <= set(operation["responses"])
-    request_schema = schema["components"]["schemas"]["ChatRequestRequest"]
+    request_schema = schema["components"]["schemas"]["ChatRequest"]
     assert set(request_schema["properties"]) == {"message", "session_id", "capabilities"}
 
 
