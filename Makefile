@@ -5,8 +5,22 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PICOBOT_TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/picobot
 PYTEST_ARGS ?=
+ADDRESS ?= 127.0.0.1:8000
 
-.PHONY: install run test test-sqlite test-postgres lint bench soak clean
+.PHONY: help install run test test-sqlite test-postgres lint bench bench-cron soak clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make run                 install if needed, migrate, start web + scheduler + notifications"
+	@echo "                         on SQLite at http://$(ADDRESS)/ (docs: /api/v1/docs)"
+	@echo "make run ADDRESS=0.0.0.0:9000   serve on another address (default $(ADDRESS))"
+	@echo "make test                lint, then the suite on SQLite and PostgreSQL"
+	@echo "                         (PICOBOT_TEST_DATABASE_URL, default $(PICOBOT_TEST_DATABASE_URL))"
+	@echo "make test-sqlite | test-postgres | lint    one part of make test (PYTEST_ARGS=... for pytest)"
+	@echo "make bench               scheduler benchmarks (docs/benchmarks.md)"
+	@echo "make bench-cron          our cron engine beside croniter: correctness and speed"
+	@echo "make soak                executions under sustained faults (bench/soak.py)"
+	@echo "make install | clean     create or remove .venv"
 
 install: $(STAMP)
 
@@ -18,7 +32,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m picobot_site.local
+	PICOBOT_ADDRESS=$(ADDRESS) $(PY) -m picobot_site.local
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -49,6 +63,9 @@ bench: $(STAMP)
 # SOAK_WORKERS, SOAK_DATABASE=postgres|sqlite (PostgreSQL runs a private cluster of its own).
 soak: $(STAMP)
 	$(PY) -m bench.soak
+
+bench-cron: $(STAMP)
+	$(PY) -m bench.cron_engine
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -346,11 +346,13 @@ class Kernel:
             result.audit_id = row.pk
         TOOL_CALLS.labels(tool=_metric_tool_label(result.tool), decision=result.decision).inc()
         logger.info(
-            "tool call %s %s (execution=%s session=%s user=%s)",
+            "tool call %s %s (job=%s execution=%s session=%s user=%s(%s))",
             result.tool,
             result.decision,
+            context.job_id,
             context.execution_id,
             context.session_id,
+            getattr(context.user, "username", "?"),
             getattr(context.user, "pk", None),
         )
 

@@ -7,17 +7,22 @@ silently running with a default.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
+
 from kernel.permissions import InvalidPermission, parse_permission
 
 
-class ConfigError(Exception):
-    """A configuration mistake; the message names the key."""
+class ConfigError(ImproperlyConfigured):
+    """A configuration mistake; the message names the file, the key and the reason.
+
+    `manage.py` prints it as one line and exits 2 (no traceback)."""
 
 
 # The notification channels a heartbeat's `notify` may name (the schedules API's notify_channels).
@@ -144,6 +149,16 @@ def _string(key: str, value: Any) -> str:
     return value
 
 
+def _timezone(key: str, value: Any) -> str:
+    # The API's and the tool's rule (abbreviation zones refused with suggestions), here too.
+    from schedules.timing import ScheduleError, validate_timezone
+
+    try:
+        return validate_timezone(value)
+    except ScheduleError as exc:
+        raise ConfigError(f"{key}: {exc.message}") from None
+
+
 def _permissions(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key} must be a list of permission strings")
@@ -217,12 +232,18 @@ _PROMPT_KEYS: dict[str, Validator] = {
     "prompt": _string,
     "interval_secs": _positive_int,
     "cron": _string,
-    "timezone": _string,
+    "timezone": _timezone,
     "capabilities": _permissions,
     "active_hours": _string,
     "enabled": _bool,
     "notify": _notify,
 }
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """ "; did you mean `x`?" when a known name is close to `name`, else ""."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
 
 
 def _section(prefix: str, raw: Any, keys: dict[str, Validator]) -> dict[str, Any]:
@@ -232,7 +253,7 @@ def _section(prefix: str, raw: Any, keys: dict[str, Validator]) -> dict[str, Any
     for key, value in raw.items():
         validator = keys.get(key)
         if validator is None:
-            raise ConfigError(f"unknown key {prefix}.{key}")
+            raise ConfigError(f"unknown key {prefix}.{key}{did_you_mean(str(key), keys)}")
         values[key] = validator(f"{prefix}.{key}", value)
     return values
 
@@ -290,7 +311,7 @@ def parse_config(data: dict[str, Any], path: str | None = None) -> Config:
     for name, raw in data.items():
         builder = _SECTIONS.get(name)
         if builder is None:
-            raise ConfigError(f"unknown section [{name}]")
+            raise ConfigError(f"unknown section [{name}]{did_you_mean(str(name), _SECTIONS)}")
         sections[name] = builder(raw)
     return Config(**sections, path=path)
 

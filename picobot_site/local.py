@@ -1,7 +1,13 @@
 """`make run`: the whole system on one machine, on SQLite, with one command.
 
 Writes ./picobot.toml (scheduler enabled) on first use, migrates, creates an admin login once,
-then starts the web app, the scheduler worker and the notification worker. Ctrl-C stops them all.
+then starts the web app, the scheduler worker and the notification worker. `make run
+ADDRESS=0.0.0.0:9000` (PICOBOT_ADDRESS) serves elsewhere than 127.0.0.1:8000.
+
+Ctrl-C stops them all, and stops the scheduler the way a lone SIGTERM does: the children run in
+their own process groups, so the terminal's SIGINT reaches this launcher only, and the launcher
+sends each child exactly one SIGTERM. The worker then lets running executions finish within its
+grace period, then interrupts and releases the rest. A second Ctrl-C stops everything at once.
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "picobot.toml"
-PASSWORD_FILE = ROOT / ".admin_password"
-ADDRESS = os.environ.get("PICOBOT_ADDRESS", "127.0.0.1:8000")
+PASSWORD_FILE = Path(os.environ.get("PICOBOT_ADMIN_PASSWORD_FILE") or ROOT / ".admin_password")
+ADDRESS = os.environ.get("PICOBOT_ADDRESS") or "127.0.0.1:8000"
+# The worker's grace period for running executions, and how long after it the launcher waits
+# for the worker to record and release what it interrupted before it kills it.
+GRACE_SECS = 30
+RELEASE_MARGIN_SECS = 15
 
 
 def write_config() -> None:
@@ -54,16 +64,28 @@ def ensure_admin() -> tuple[str, str]:
     return "admin", password
 
 
-def worker_commands() -> list[list[str]]:
+def worker_commands() -> dict[str, list[str]]:
+    """The children by name. `migrate` has just shown the system checks: they skip them."""
     from django.core.management import get_commands
 
     available = get_commands()
-    commands = [["runserver", ADDRESS, "--noreload"]]
+    commands = {"web": ["runserver", ADDRESS, "--noreload", "--skip-checks"]}
     if "runworker" in available:
-        commands.append(["runworker"])
+        commands["scheduler"] = ["runworker", "--grace-secs", str(GRACE_SECS), "--skip-checks"]
     if "qcluster" in available:
-        commands.append(["qcluster"])
+        commands["notifications"] = ["qcluster", "--skip-checks"]
     return commands
+
+
+def banner(count: int, username: str, password: str) -> str:
+    base = f"http://{ADDRESS}"
+    return f"""
+PicoBot Scheduler is running ({count} processes). Ctrl-C stops all of them.
+  API docs: {base}/api/v1/docs      (schema: {base}/api/v1/schema)
+  API:      {base}/api/v1/
+  admin:    {base}/admin/    login: {username} / {password}
+  API key:  {sys.executable} manage.py createapikey {username} --grant 'schedule:*'
+"""
 
 
 def main() -> int:
@@ -71,46 +93,57 @@ def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "picobot_site.settings")
     os.environ.setdefault("DEBUG", "true")
     write_config()
-    manage("migrate", "--no-input", "-v", "0")
+    try:
+        manage("migrate", "--no-input", "-v", "0")
+    except subprocess.CalledProcessError as exc:
+        return exc.returncode  # manage.py has said what is wrong (a config mistake: one line)
     username, password = ensure_admin()
-    processes = [
-        subprocess.Popen([sys.executable, "manage.py", *command], cwd=ROOT)
-        for command in worker_commands()
-    ]
-    base = f"http://{ADDRESS}"
-    print(
-        f"""
-PicoBot Scheduler is running ({len(processes)} processes). Ctrl-C stops all of them.
-  admin:  {base}/admin/    login: {username} / {password}
-  API:    {base}/api/v1/   schema: {base}/api/v1/schema
-  API key: {sys.executable} manage.py createapikey {username} --grant 'schedule:*'
-""",
-        flush=True,
-    )
-    stopping = False
+    processes = {
+        name: subprocess.Popen([sys.executable, "manage.py", *command], cwd=ROOT, process_group=0)
+        for name, command in worker_commands().items()
+    }
+    print(banner(len(processes), username, password), flush=True)
+    return supervise(processes)
 
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+def supervise(processes: dict[str, subprocess.Popen[bytes]]) -> int:
+    """Wait for Ctrl-C (or SIGTERM, or a child exiting), then stop every child once."""
+    signals: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        signals.append(signum)
+        if len(signals) > 1:
+            # A second Ctrl-C: whatever is still running stops now.
+            for process in processes.values():
+                if process.poll() is None:
+                    process.kill()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     exit_code = 0
-    while not stopping:
-        for process in processes:
-            if process.poll() is not None:
-                print(f"process {process.args} exited with {process.returncode}; stopping")
-                stopping, exit_code = True, 1
-                break
-        time.sleep(0.5)
-    for process in processes:
+    while not signals:
+        exited = [name for name, p in processes.items() if p.poll() is not None]
+        if exited:
+            name = exited[0]
+            print(f"{name} exited with {processes[name].returncode}; stopping the others")
+            exit_code = 1
+            break
+        time.sleep(0.2)
+    if signals:
+        print(
+            f"{signal.Signals(signals[0]).name}: stopping; the scheduler lets running executions "
+            f"finish (up to {GRACE_SECS} s), then releases them. Ctrl-C again to stop at once.",
+            flush=True,
+        )
+    for process in processes.values():
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    for process in processes:
+    deadline = time.monotonic() + GRACE_SECS + RELEASE_MARGIN_SECS
+    for name, process in processes.items():
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            print(f"{name} did not stop in time; killing it", flush=True)
             process.kill()
     return exit_code
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from picobot_site.config import ConfigError, load_config
+from picobot_site.config import load_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -55,10 +55,8 @@ def _config_path() -> str | None:
     return str(default) if default.exists() else None
 
 
-try:
-    PICOBOT = load_config(_config_path())
-except ConfigError as exc:
-    raise ImproperlyConfigured(f"PicoBot configuration: {exc}") from None
+# A ConfigError names the file, the key and the reason; manage.py prints it as one line.
+PICOBOT = load_config(_config_path())
 
 SECRET_KEY = _secret_key()
 DEBUG = env_bool("DEBUG", False)
@@ -224,5 +222,14 @@ LOGGING = {
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("PICOBOT_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "filters": {
+        "503_is_a_warning": {"()": "picobot_site.log_filters.ServiceUnavailableIsAWarning"}
+    },
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        # The server's own access line already shows every 4xx; this logger keeps 5xx only.
+        "django.request": {"level": "ERROR", "filters": ["503_is_a_warning"]},
+        # One line per model call is noise: the worker logs each run once.
+        **{name: {"level": "WARNING"} for name in ("httpx", "httpx2", "httpcore", "openai")},
+    },
 }

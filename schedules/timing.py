@@ -385,13 +385,13 @@ def _zone(name: str) -> ZoneInfo:
 # included. They are refused with the region names that use them; `Etc/GMT+5` and `UTC` remain
 # for a fixed offset. Common abbreviations that are not zone names at all get the same help.
 _ABBREVIATION_ZONES: dict[str, str] = {
-    "EST": "America/New_York (Eastern time), or America/Panama or Etc/GMT+5 for UTC-5 all year",
+    "EST": "America/New_York (Eastern time, with daylight saving) or America/Panama (UTC-5 all year)",
     "EDT": "America/New_York",
     "EST5EDT": "America/New_York",
     "CST": "America/Chicago (US Central time) or Asia/Shanghai (China)",
     "CDT": "America/Chicago",
     "CST6CDT": "America/Chicago",
-    "MST": "America/Denver (Mountain time), or America/Phoenix or Etc/GMT+7 for UTC-7 all year",
+    "MST": "America/Denver (Mountain time, with daylight saving) or America/Phoenix (UTC-7 all year)",
     "MDT": "America/Denver",
     "MST7MDT": "America/Denver",
     "PST": "America/Los_Angeles",
@@ -431,7 +431,8 @@ def validate_timezone(value: Any) -> str:
         raise ScheduleError(
             "timezone",
             f"{shown!r} is an abbreviation, not a region, and has no daylight-saving rules of "
-            f"its own: use {suggestion} (for a fixed offset: 'UTC' or 'Etc/GMT+5', which is UTC-5)",
+            f"its own: use {suggestion}; for a fixed offset, 'UTC' or 'Etc/GMT+5' (which is UTC-5: "
+            "the sign is reversed)",
         )
     if len(value) > MAX_TIMEZONE_LENGTH or value not in _zone_names():
         close = _zone_names_by_case().get(value.casefold()) if len(value) < 64 else None

@@ -13,7 +13,9 @@
   token gone stops that run (it will be recorded `superseded`).
 - SIGTERM/SIGINT: stop claiming, let running executions finish within the grace period, then
   cancel the rest, record them `interrupted` and release them for another worker at once. A
-  second signal exits immediately (the leases then expire and another worker recovers them).
+  second signal exits immediately (the leases then expire and another worker recovers them),
+  except a *different* signal within SAME_REQUEST_SECS of the first: a terminal's SIGINT to the
+  process group and a supervisor's SIGTERM arrive together for one Ctrl-C, and are one request.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ logger = logging.getLogger("picobot.worker")
 
 S = ExecutionStatus
 MONITOR_POLL_SECS = 0.5
+# A different signal this soon after the first is the same stop request (see the docstring).
+SAME_REQUEST_SECS = 2.0
 PURGE_EVERY_SECS = 3600.0
 # After the grace period, how long cancelled runs get to record themselves `interrupted`
 # before the main thread releases them itself.
@@ -110,6 +114,12 @@ class Running:
     started: float
 
 
+def _note(status: str) -> str:
+    if status == S.INTERRUPTED:
+        return " (released: it runs again on the next worker)"
+    return ""
+
+
 class Worker:
     """One scheduler worker process: see the module docstring."""
 
@@ -127,6 +137,11 @@ class Worker:
         self.grace_secs = grace_secs
         self.running: dict[int, Running] = {}
         self.stopping = False
+        # With once: the executions this run started (for the summary runworker prints).
+        self.started_ids: list[int] = []
+        self.skipped_count = 0
+        self._signals: list[tuple[int, float]] = []
+        self._usernames: dict[int, str] = {}
         self._lock = threading.Lock()
         self._waker = Waker()
         self._monitor_stop = threading.Event()
@@ -230,6 +245,7 @@ class Worker:
         if not known_due and not claims.anything_due(due_before):
             return False
         result = claims.claim_due(self.worker_id, free, due_before=due_before)
+        self.skipped_count += result.skipped
         for claim in result.claims:
             self._start(claim)
         return bool(result.claims or result.skipped)
@@ -283,6 +299,9 @@ class Worker:
 
     def _start(self, claim: claims.Claim) -> None:
         control = RunControl.with_timeout(claim.timeout_secs)
+        if self.once:
+            self.started_ids.append(claim.execution_id)
+        logger.info("%s started (scheduled for %s)", self.describe(claim), claim.scheduled_for)
         with self._lock:
             self.running[claim.execution_id] = Running(claim, control, time.monotonic())
             metrics.RUNNING.set(len(self.running))
@@ -328,7 +347,14 @@ class Worker:
             outcome = executor.execute(
                 claim, control, lambda: claims.holds_claim(claim.job_id, claim.token)
             )
-            self._record(claim, outcome)
+            recorded = self._record(claim, outcome)
+            logger.info(
+                "%s ended %s in %.1fs%s",
+                self.describe(claim),
+                recorded,
+                time.monotonic() - started,
+                _note(recorded),
+            )
             metrics.EXECUTION_DURATION.labels(claim.schedule_type).observe(
                 time.monotonic() - started
             )
@@ -347,8 +373,8 @@ class Worker:
                 metrics.RUNNING.set(len(self.running))
             self._waker.wake()
 
-    def _record(self, claim: claims.Claim, outcome: claims.Outcome) -> None:
-        """Write how the run ended, through a database outage (a server restart, a dropped
+    def _record(self, claim: claims.Claim, outcome: claims.Outcome) -> str:
+        """Write how the run ended (returns the status recorded), through a database outage (a server restart, a dropped
         connection) of up to `lease_secs`: a result lost here would make the occurrence run
         again once its lease expired. Retrying is safe because the write is fenced: if the
         first attempt did commit, or another worker took the job over, it changes nothing."""
@@ -357,9 +383,8 @@ class Worker:
             try:
                 if outcome.status == S.SUPERSEDED:
                     claims.record_superseded(claim, outcome)
-                else:
-                    claims.complete(claim, outcome)
-                return
+                    return S.SUPERSEDED
+                return claims.complete(claim, outcome)
             except DatabaseError as exc:
                 if time.monotonic() >= deadline:
                     raise
@@ -438,11 +463,41 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopping:
-            # The second signal: leave now. The leases expire and another worker recovers them.
+        now = time.monotonic()
+        if self._signals:
+            first, first_at = self._signals[0]
+            if signum != first and now - first_at < SAME_REQUEST_SECS and len(self._signals) == 1:
+                self._signals.append((signum, now))
+                return  # the same Ctrl-C, seen twice (terminal and supervisor)
+            # A real second request: leave now. The leases expire and another worker recovers
+            # what was running. Raw write: logging is not safe inside a signal handler.
+            os.write(
+                2,
+                f"worker {self.worker_id}: second stop signal ({signal.Signals(signum).name}): "
+                f"exiting now; {self.running_count()} running execution(s) will be recovered "
+                "when their leases expire\n".encode(),
+            )
             os._exit(128 + signum)
+        self._signals.append((signum, now))
         self.stopping = True
         self._waker.wake()
+
+    def stop_reason(self) -> str:
+        """How the stop was asked for, for the log: "SIGINT", "SIGINT and SIGTERM together"."""
+        names = [signal.Signals(signum).name for signum, _ in self._signals]
+        if not names:
+            return "request"
+        return names[0] if len(names) == 1 else f"{names[0]} and {names[1]} together"
+
+    def describe(self, claim: claims.Claim) -> str:
+        """`job=1 execution=5 user=alice(2)`: the ids of a run and its owner's name, for logs."""
+        name = self._usernames.get(claim.owner_id)
+        if name is None:
+            from kernel.models import User
+
+            name = User.objects.filter(pk=claim.owner_id).values_list("username", flat=True).first()
+            self._usernames[claim.owner_id] = name = name or "?"
+        return f"job={claim.job_id} execution={claim.execution_id} user={name}({claim.owner_id})"
 
     def request_stop(self) -> None:
         self.stopping = True
@@ -450,20 +505,30 @@ class Worker:
 
     def drain(self) -> None:
         """Let running executions finish within the grace period, then interrupt the rest."""
-        if self.running_count():
+        draining = self._snapshot()
+        if draining:
             logger.info(
-                "worker %s stopping: waiting up to %ss for %s running executions",
+                "worker %s stopping on %s: no new claims; waiting up to %ss for %s running "
+                "execution(s): %s",
                 self.worker_id,
+                self.stop_reason(),
                 self.grace_secs,
-                self.running_count(),
+                len(draining),
+                ", ".join(self.describe(item.claim) for item in draining),
             )
         deadline = time.monotonic() + self.grace_secs
         while self.running_count() and time.monotonic() < deadline:
             self._waker.sleep(min(0.5, deadline - time.monotonic()))
         left = self._snapshot()
-        if not left:
-            return
-        logger.warning("grace period over: interrupting %s running executions", len(left))
+        if left:
+            self._interrupt(left)
+
+    def _interrupt(self, left: list[Running]) -> None:
+        logger.warning(
+            "worker %s: grace period over: interrupting %s running execution(s)",
+            self.worker_id,
+            len(left),
+        )
         for item in left:
             item.control.cancel(executor.SHUTDOWN)
         settle = time.monotonic() + CANCEL_SETTLE_SECS
@@ -472,10 +537,11 @@ class Worker:
         for item in self._snapshot():
             # Still stuck (e.g. inside a model request): release it ourselves. Its thread's own
             # completion will then find the token gone and change nothing.
-            claims.complete(
+            recorded = claims.complete(
                 item.claim,
                 claims.Outcome(S.INTERRUPTED, error="the worker shut down; it will run again"),
             )
+            logger.info("%s ended %s%s", self.describe(item.claim), recorded, _note(recorded))
 
     # --- PostgreSQL LISTEN/NOTIFY --------------------------------------------------------------
 

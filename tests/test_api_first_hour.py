@@ -257,3 +257,33 @@ def test_one_lists_and_reads_ones_own_chat_sessions_only(client, user, make_user
     assert client.get(f"/api/v1/chat/sessions/{theirs.pk}").status_code == 404
     assert client.get("/api/v1/chat/sessions/x").status_code == 404
     assert Client().get("/api/v1/chat/sessions").status_code == 401
+
+
+# --- the schema reads well ---------------------------------------------------------------------
+
+
+def test_every_operation_has_its_own_summary_description_and_a_readable_id() -> None:
+    schema = Client().get("/api/v1/schema", HTTP_ACCEPT="application/json").json()
+    operations = [
+        (path, method, operation)
+        for path, item in schema["paths"].items()
+        for method, operation in item.items()
+    ]
+    descriptions = [operation.get("description") for _, _, operation in operations]
+    assert all(descriptions) and len(set(descriptions)) == len(descriptions)
+    for path, method, operation in operations:
+        assert operation.get("summary"), (method, path)
+        assert re.fullmatch(r"[a-z]+(_[a-z]+)*", operation["operationId"]), operation["operationId"]
+        assert not re.search(
+            r"_(create|retrieve|partial_update|destroy)$", operation["operationId"]
+        )
+        for parameter in operation.get("parameters", []):
+            if parameter["in"] == "path":
+                assert parameter["schema"] == {"type": "integer"}, (path, parameter)
+        for code, response in operation["responses"].items():
+            if code.startswith("4") and path.startswith("/api/v1/schedules"):
+                examples = next(iter(response.get("content", {}).values()), {}).get("examples")
+                assert examples, (method, path, code)
+    names = set(schema["components"]["schemas"])
+    assert not [name for name in names if name.endswith("RequestRequest")]
+    assert {"ScheduleInput", "ChatRequest", "FieldErrors"} <= names

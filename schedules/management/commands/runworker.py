@@ -5,12 +5,14 @@ from __future__ import annotations
 import faulthandler
 import signal
 import sys
+from collections import Counter
 from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command, get_commands
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from schedules.models import Execution, ExecutionStatus
 from schedules.worker import Worker
 
 DISABLED_MESSAGE = (
@@ -73,5 +75,22 @@ class Command(BaseCommand):
             grace_secs=options["grace_secs"],
         )
         code = worker.run()
+        if options["once"]:
+            self.stdout.write(once_summary(worker.started_ids, worker.skipped_count))
         if code:
             sys.exit(code)
+
+
+def once_summary(execution_ids: list[int], skipped: int) -> str:
+    """What `--once` did: "ran 3 executions: 2 succeeded, 1 failed", or "nothing due"."""
+    if not execution_ids and not skipped:
+        return "nothing due"
+    ended = Counter(Execution.objects.filter(pk__in=execution_ids).values_list("status", flat=True))
+    counts = ", ".join(f"{ended[s]} {s}" for s in ExecutionStatus.values if ended[s])
+    count = len(execution_ids)
+    summary = f"ran {count} execution{'' if count == 1 else 's'}" + (
+        f": {counts}" if counts else ""
+    )
+    if skipped:
+        summary += f"; recorded {skipped} skipped occurrence{'' if skipped == 1 else 's'}"
+    return summary
