@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "picobot.toml"
-PASSWORD_FILE = Path(os.environ.get("PICOBOT_ADMIN_PASSWORD_FILE") or ROOT / ".admin_password")
+PASSWORD_FILE = ROOT / ".admin_password"
 ADDRESS = os.environ.get("PICOBOT_ADDRESS") or "127.0.0.1:8000"
 # The worker's grace period for running executions, and how long after it the launcher waits
 # for the worker to record and release what it interrupted before it kills it.
@@ -43,15 +43,18 @@ def manage(*args: str) -> None:
 
 
 def ensure_admin() -> tuple[str, str]:
+    """The admin login: created once, its password kept in .admin_password. A database made
+    afresh (the file kept) gets the admin again, with the same password."""
     import django
 
     django.setup()
     from kernel.models import User
 
-    if PASSWORD_FILE.exists():
-        return "admin", PASSWORD_FILE.read_text().strip()
-    password = secrets.token_urlsafe(12)
+    known = PASSWORD_FILE.read_text().strip() if PASSWORD_FILE.exists() else ""
     user = User.objects.filter(username="admin").first()
+    if known and user is not None:
+        return "admin", known
+    password = known or secrets.token_urlsafe(12)
     if user is None:
         User.objects.create_superuser(
             "admin", email="", password=password, grant=["schedule:*", "notify:*"]

@@ -180,7 +180,6 @@ class Launcher:
             "PICOBOT_CONFIG": str(config),
             "DATABASE_URL": f"sqlite:///{self.database}",
             "PICOBOT_ADDRESS": self.address,
-            "PICOBOT_ADMIN_PASSWORD_FILE": str(tmp_path / "admin_password"),
             "SECRET_KEY": "launcher-test",
             "PICOBOT_MODEL_BASE_URL": model_url,
             "PICOBOT_MODEL": "scripted-model",
