@@ -240,9 +240,10 @@ def test_a_prompt_capability_beyond_the_section_is_refused_by_name_and_nothing_i
     ("line", "field", "reason"),
     [
         ('cron = "*/30 * * * * *"', "cron", "fires 30 s apart; the minimum interval is 60 s"),
-        ("interval_secs = 59", "interval_secs", "must be at least 60 s (got 59)"),
+        ("interval_secs = 59", "interval_secs", "Must be at least 60 s (got 59)"),
         ('cron = "0 0 30 2 *"', "cron", "never fires"),
-        ('timezone = "Mars/Olympus"\ninterval_secs = 600', "timezone", "unknown time zone"),
+        ('timezone = "Mars/Olympus"\ninterval_secs = 600', "timezone", "Unknown time zone"),
+        ('timezone = "PST8PDT"\ninterval_secs = 600', "timezone", "America/Los_Angeles"),
         ('active_hours = "8-20"\ninterval_secs = 600', "active_hours", "HH:MM-HH:MM"),
         ('active_hours = "09:00-25:00"\ninterval_secs = 600', "active_hours", "not a time of day"),
     ],
@@ -265,7 +266,7 @@ def test_the_minimum_interval_applies_exactly_at_its_boundary(heartbeats_file, p
     load()
     assert heartbeat("health_check").interval_secs == 90
     heartbeats_file(SEED.replace("interval_secs = 60", "interval_secs = 89"))
-    with pytest.raises(CommandError, match="must be at least 90 s"):
+    with pytest.raises(CommandError, match="Must be at least 90 s"):
         load()
     heartbeats_file(SEED.replace("interval_secs = 60", 'cron = "0,30 */3 * * * *"'))
     with pytest.raises(CommandError, match="fires 30 s apart"):

@@ -210,16 +210,3 @@ def test_a_denial_after_the_owner_grant_was_narrowed_says_so(make_user) -> None:
     narrow = ToolContext(user=owner, capabilities=ScheduledRunCapabilities(["shell:ls"], owner))
     other = kernel.invoke("shell", {"command": "echo", "args": []}, narrow)
     assert "needs shell:echo, which this run was not given" in other.content
-
-
-def test_a_heartbeat_with_an_abbreviation_zone_stops_start_up_naming_it() -> None:
-    from picobot_site.config import ConfigError, parse_config
-
-    prompt = {"name": "digest", "prompt": "p", "cron": "0 9 * * *", "timezone": "PST8PDT"}
-    with pytest.raises(ConfigError) as refused:
-        parse_config({"heartbeats": {"prompts": [prompt]}})
-    message = str(refused.value)
-    assert message.startswith("heartbeats.prompts[0].timezone: 'PST8PDT' is an abbreviation")
-    assert "America/Los_Angeles" in message
-    ok = parse_config({"heartbeats": {"prompts": [{**prompt, "timezone": "America/Los_Angeles"}]}})
-    assert ok.heartbeats.prompts[0].timezone == "America/Los_Angeles"
