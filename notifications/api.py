@@ -91,6 +91,12 @@ def _refusal(exc: ContactError) -> Response:
 class ContactViewSet(GenericViewSet):
     serializer_class = ContactSerializer
     pagination_class = Pagination
+    queryset = Contact.objects.none()  # for the schema (integer ids); get_queryset is what runs
+
+    @property
+    def allowed_query_params(self) -> frozenset[str]:
+        return frozenset({"limit", "offset"}) if self.action == "list" else frozenset()
+
     parser_classes = [StrictJSONParser]
     throttle_classes = [ApiKeyThrottle]
 

@@ -111,8 +111,23 @@ class SchemaView(SpectacularAPIView):
 
 # Operations whose views do not name themselves: drf-spectacular's default ids read badly in
 # generated clients (`chat_create`).
-OPERATION_IDS = {"me_retrieve": "get_me", "chat_create": "chat"}
+OPERATION_IDS = {
+    "me_retrieve": "get_me",
+    "chat_create": "chat",
+    "contacts_list": "list_contacts",
+    "contacts_create": "create_contact",
+    "contacts_destroy": "delete_contact",
+    "contacts_verify_create": "verify_contact",
+}
 SUMMARIES = {"get_me": "Who am I", "chat": "One interactive agent turn"}
+DESCRIPTIONS = {
+    "get_me": "The username your key belongs to and your grant.",
+    "list_contacts": "Your contacts on every channel, verified or not, oldest first.",
+    "create_contact": "Adds a WhatsApp number or a webhook URL and sends it a verification "
+    "code; it receives nothing else until verified.",
+    "delete_contact": "Removes the contact; it receives nothing more.",
+    "verify_contact": "Marks the contact verified when the code it received is right.",
+}
 
 
 def readable_operations(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -125,6 +140,8 @@ def readable_operations(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]
             operation["operationId"] = operation_id
             if operation_id in SUMMARIES:
                 operation.setdefault("summary", SUMMARIES[operation_id])
+            if operation_id in DESCRIPTIONS:
+                operation.setdefault("description", DESCRIPTIONS[operation_id])
     return result
 
 
