@@ -352,3 +352,15 @@ def test_a_running_execution_keeps_the_version_it_started_with(heartbeats_file):
     assert execution.prompt == "Check system health and report issues"
     assert execution.schedule_version == claim.schedule_version
     assert heartbeat("health_check").next_run_at == next_run  # the update's, not the old run's
+
+
+def test_a_bad_heartbeats_file_stops_runworker_before_it_starts(heartbeats_file):
+    heartbeats_file(
+        SEED + '\n[[heartbeats.prompts]]\nname = "bad"\nprompt = "p"\ncron = "* * * * * *"\n'
+    )
+    with pytest.raises(
+        CommandError, match="heartbeat 'bad': cron: '\\* \\* \\* \\* \\* \\*' fires 1 s"
+    ):
+        call_command("runworker", "--once", stdout=StringIO())
+    assert not Job.objects.exists()
+    # A good file: see test_heartbeat_runs.py, where real workers print the plan at start.

@@ -63,7 +63,7 @@ class Command(BaseCommand):
         # Operators (and tests) can see what every thread is doing: kill -USR1 <pid>.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
         if "loadheartbeats" in get_commands():
-            call_command("loadheartbeats")
+            call_command("loadheartbeats", stdout=self.stdout)
         if options["metrics_port"] is not None:
             from prometheus_client import start_http_server
 
