@@ -364,3 +364,22 @@ def test_a_bad_heartbeats_file_stops_runworker_before_it_starts(heartbeats_file)
         call_command("runworker", "--once", stdout=StringIO())
     assert not Job.objects.exists()
     # A good file: see test_heartbeat_runs.py, where real workers print the plan at start.
+
+
+def test_a_heartbeats_result_reaches_the_system_principals_contacts_and_a_quiet_one_sends_nothing(
+    heartbeats_file,
+):
+    from notifications.models import Notification
+    from tests.notification_support import verified_contact
+
+    heartbeats_file(SEED.replace("default_interval_secs = 300", 'notify = "whatsapp"'))
+    load()
+    verified_contact(system_principal(), "+14155550101")
+    for output in ("Disk 91% full on /var", "NOTHING_TO_REPORT"):
+        Job.objects.filter(heartbeat_name="health_check").update(next_run_at=db_now())
+        [claim] = claims.claim_due("w", 5).claims
+        claims.complete(claim, claims.Outcome(ExecutionStatus.SUCCEEDED, output=output))
+    [row] = Notification.objects.all()
+    assert row.contact.address == "+14155550101" and row.channel == "whatsapp"
+    assert row.body == "health_check: Disk 91% full on /var"
+    assert row.owner_id == system_principal().pk
