@@ -6,6 +6,8 @@ Contended rows are changed only by conditional UPDATEs whose row count is checke
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -85,6 +87,7 @@ class Job(models.Model):
     objects = JobQuerySet.as_manager()
 
     class Meta:
+        verbose_name = "schedule"
         indexes = [
             # The due-job scan: only enabled, live rows are indexed, so it stays small.
             models.Index(
@@ -192,3 +195,27 @@ class Execution(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class Worker(models.Model):
+    """A `runworker` process, as it last reported itself (see `schedules/workers.py`)."""
+
+    worker_id = models.CharField(max_length=200, unique=True)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    concurrency = models.PositiveIntegerField(default=1)
+    slots_busy = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField()
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["last_seen_at"], name="worker_last_seen_idx")]
+
+    def __str__(self) -> str:
+        return self.worker_id
+
+    def is_alive(self, now: datetime) -> bool:
+        """Seen within a lease: a worker reports every third of `lease_secs`."""
+        lease = timedelta(seconds=settings.PICOBOT.scheduler.lease_secs)
+        return self.stopped_at is None and self.last_seen_at >= now - lease

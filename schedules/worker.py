@@ -39,7 +39,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 
 from kernel.context import RunControl
-from schedules import claims, executor, metrics
+from schedules import claims, executor, metrics, workers
 from schedules.dbtime import db_now
 from schedules.models import ExecutionStatus
 
@@ -403,16 +403,24 @@ class Worker:
 
     def _monitor(self) -> None:
         renew_every = settings.PICOBOT.scheduler.lease_secs / 3
-        next_renewal = time.monotonic() + renew_every
+        next_renewal = time.monotonic()
+        starting = True
         while not self._monitor_stop.wait(MONITOR_POLL_SECS):
             try:
                 self.handle_one_watch()
                 if time.monotonic() >= next_renewal:
                     next_renewal = time.monotonic() + renew_every
                     self.handle_one_renewal()
+                    # The registry (the console's "workers alive") rides the renewal round.
+                    workers.report(
+                        self.worker_id, self.concurrency, self.running_count(), starting=starting
+                    )
+                    starting = False
             except Exception:
                 logger.exception("lease monitor: database error; retrying")
                 connection.close()
+        with contextlib.suppress(DatabaseError):
+            workers.stopped(self.worker_id)
         connection.close()
 
     def _snapshot(self) -> list[Running]:
