@@ -86,6 +86,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_q",
+    "django_prometheus",
     "picobot_site.apps.PicobotSiteConfig",
     "kernel",
     "schedules",
@@ -93,6 +94,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "picobot_site.middleware.ApiTrailingSlash",
@@ -101,6 +103,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "picobot_site.urls"
@@ -212,6 +215,8 @@ Q_CLUSTER = {
     "catch_up": False,
     "ack_failures": True,
     "max_attempts": 1,
+    # django-q2's admin pages are its delivery internals, not the schedule queue.
+    "label": "Notification delivery (django-q2 tasks)",
 }
 
 LOGGING = {

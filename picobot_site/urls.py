@@ -1,4 +1,5 @@
-"""URL routes: the admin, the versioned REST API, its index, docs page and OpenAPI schema.
+"""URL routes: the admin and its dashboard, /metrics, the versioned REST API, its index, docs
+page and OpenAPI schema.
 
 API routes are declared without a trailing slash; `ApiTrailingSlash` makes both forms work."""
 
@@ -10,10 +11,14 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularSwaggerView
 
 from picobot_site.api import ApiIndexView, SchemaView
+from picobot_site.metrics import metrics_view
+from schedules.dashboard import dashboard
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="api-docs"), name="home"),
+    path("admin/dashboard/", admin.site.admin_view(dashboard), name="picobot-dashboard"),
     path("admin/", admin.site.urls),
+    path("metrics", metrics_view, name="metrics"),
     re_path(r"^api/v1/?$", ApiIndexView.as_view(), name="api-index"),
     path("api/v1/schema", SchemaView.as_view(), name="schema"),
     path(

@@ -43,9 +43,11 @@ __all__ = [
     "QuotaExceeded",
     "ScheduleInvalid",
     "check_create",
+    "check_update",
     "create_job",
     "jobs_of",
     "request_cancel",
+    "run_now",
     "soft_delete",
     "update_job",
     "validate_input",
@@ -268,6 +270,19 @@ def _extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(extra or {})
 
 
+def check_update(job: Job, changes: object, *, now: datetime | None = None) -> dict[str, Any]:
+    """The checks `update_job` makes, without writing: the columns it would write.
+
+    For a form that shows every reason before anything is saved (the admin); `update_job`
+    checks again under the row lock. Raises ScheduleInvalid or CapabilitiesExceeded.
+    """
+    values = validate_input(changes, partial=True)
+    fields = _changed_fields(job, values, now or db_now())
+    if "capabilities" in values:
+        _check_capabilities(job.owner, values["capabilities"], None)
+    return fields
+
+
 def _changed_fields(job: Job, values: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The columns to write for the PATCH `values` on `job` (locked), and only those.
 
@@ -380,6 +395,23 @@ def request_cancel(job: Job) -> Execution | None:
         .order_by("-id")
         .first()
     )
+
+
+def run_now(job: Job) -> bool:
+    """Make the job's next occurrence due now and wake the workers; False when it cannot run.
+
+    Only an enabled, live job that no worker holds is moved (a held job's completion would
+    overwrite the time). The occurrence then runs as scheduled at this instant, and the job
+    continues with the schedule's next fire time after it.
+    """
+    with transaction.atomic():
+        now = db_now()
+        moved = Job.objects.filter(
+            pk=job.pk, deleted_at__isnull=True, enabled=True, claim_token__isnull=True
+        ).update(next_run_at=now, pending_scheduled_for=None, pending_attempt=1, updated_at=now)
+        if moved:
+            wake_workers()
+    return moved == 1
 
 
 def soft_delete(job: Job) -> bool:
