@@ -9,3 +9,6 @@ class PicobotSiteConfig(AppConfig):
 
     def ready(self) -> None:
         from picobot_site import checks  # noqa: F401  (registers the system checks)
+        from picobot_site.observability import setup_tracing
+
+        setup_tracing()

@@ -1,7 +1,7 @@
 """Settings for PicoBot Scheduler: the environment plus one TOML file, nothing else.
 
 Environment: DATABASE_URL, PICOBOT_CONFIG, SECRET_KEY, DEBUG, ALLOWED_HOSTS, PICOBOT_PUBLIC_URL,
-PICOBOT_METRICS_TOKEN, PICOBOT_MODEL_*, TWILIO_*. The TOML file (PICOBOT_CONFIG, default
+PICOBOT_METRICS_TOKEN, PICOBOT_HTTPS, PICOBOT_LOG_FORMAT, PICOBOT_MODEL_*, TWILIO_*. The TOML file (PICOBOT_CONFIG, default
 ./picobot.toml when present) holds [scheduler], [heartbeats], [model] and [notifications].
 """
 
@@ -15,6 +15,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from picobot_site.config import load_config
+from picobot_site.observability import log_format
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -65,6 +66,22 @@ ALLOWED_HOSTS = [
 ]
 
 PICOBOT_PUBLIC_URL = os.environ.get("PICOBOT_PUBLIC_URL", "")
+# Production behind a TLS-terminating proxy that sets X-Forwarded-Proto (README, "Deploying"):
+# secure cookies, HTTPS redirect and HSTS, so `manage.py check --deploy` is clean.
+PICOBOT_HTTPS = env_bool("PICOBOT_HTTPS", False)
+if PICOBOT_HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = int(os.environ.get("PICOBOT_HSTS_SECONDS", "31536000"))
+    # Both commit the whole domain to HTTPS for a long time: the operator says so explicitly.
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("PICOBOT_HSTS_INCLUDE_SUBDOMAINS", False)
+    SECURE_HSTS_PRELOAD = env_bool("PICOBOT_HSTS_PRELOAD", False)
+    # The metrics endpoint is scraped over plain HTTP on the private network.
+    SECURE_REDIRECT_EXEMPT = [r"^metrics$"]
+if PICOBOT_PUBLIC_URL:
+    CSRF_TRUSTED_ORIGINS = [PICOBOT_PUBLIC_URL.rstrip("/")]
 PICOBOT_METRICS_TOKEN = os.environ.get("PICOBOT_METRICS_TOKEN", "")
 PICOBOT_MODEL_BASE_URL = os.environ.get("PICOBOT_MODEL_BASE_URL", "")
 PICOBOT_MODEL = os.environ.get("PICOBOT_MODEL", "")
@@ -96,6 +113,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Static files (the admin's CSS) under gunicorn with DEBUG off.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "picobot_site.middleware.ApiTrailingSlash",
     "django.middleware.common.CommonMiddleware",
@@ -166,6 +185,12 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+# Serve from the apps' static folders too, so a missed `collectstatic` never breaks the admin.
+WHITENOISE_USE_FINDERS = True
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["kernel.auth.ApiKeyAuthentication"],
@@ -224,8 +249,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "picobot_site.observability.JsonFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # PICOBOT_LOG_FORMAT=json: one JSON object per line, with the run's ids.
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": log_format()}},
     "root": {"handlers": ["console"], "level": os.environ.get("PICOBOT_LOG_LEVEL", "INFO")},
     "filters": {
         "503_is_a_warning": {"()": "picobot_site.log_filters.ServiceUnavailableIsAWarning"}

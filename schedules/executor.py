@@ -22,6 +22,7 @@ from kernel.context import (
     ToolContext,
 )
 from kernel.models import User
+from picobot_site.observability import run_ids
 from schedules.claims import Claim, Outcome
 from schedules.models import ExecutionStatus
 
@@ -72,7 +73,8 @@ def execute(claim: Claim, control: RunControl, holds_claim: Callable[[], bool]) 
         "picobot.execution_id": claim.execution_id,
         "picobot.user_id": claim.owner_id,
     }
-    with tracer.start_as_current_span("picobot.execution", attributes=attributes):
+    ids = {"job_id": claim.job_id, "execution_id": claim.execution_id, "user_id": claim.owner_id}
+    with run_ids(**ids), tracer.start_as_current_span("picobot.execution", attributes=attributes):
         try:
             owner = claim.owner if claim.owner is not None else User.objects.get(pk=claim.owner_id)
             context = ToolContext(

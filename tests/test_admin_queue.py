@@ -365,7 +365,9 @@ def populate(rows: int) -> None:
     for n in range(rows):
         job = make_job(owners[n % 3], name=f"job {n}")
         execution = make_execution(job, n + 1)
-        ToolCall.objects.create(execution=execution, user=job.owner, tool="shell", decision="allowed")
+        ToolCall.objects.create(
+            execution=execution, user=job.owner, tool="shell", decision="allowed"
+        )
         ChatSession.objects.create(owner=job.owner)
 
 
@@ -448,7 +450,9 @@ def test_an_api_key_is_revoked_from_the_users_page(operator, make_user) -> None:
 def test_a_tool_call_links_to_its_execution_user_and_schedule(operator, make_user) -> None:
     owner = make_user("alice")
     execution = make_execution(make_job(owner))
-    call = ToolCall.objects.create(execution=execution, user=owner, tool="shell", decision="allowed")
+    call = ToolCall.objects.create(
+        execution=execution, user=owner, tool="shell", decision="allowed"
+    )
     listing = operator.get("/admin/kernel/toolcall/").content.decode()
     assert f"/admin/schedules/execution/{execution.pk}/change/" in listing
     assert f"/admin/kernel/user/{owner.pk}/change/" in listing
