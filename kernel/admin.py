@@ -219,15 +219,16 @@ class ToolCallAdmin(ReadOnlyAdmin):
         "session_link",
         "duration_ms",
     )
-    list_filter = ("decision", "status", "tool")
+    list_filter = ("decision", "status", "tool", "created_at")
     search_fields = ("user__username", "tool", "missing_permission")
     list_select_related = ("user", "execution__job", "session__owner")
-    date_hierarchy = "created_at"
+    # No date_hierarchy: its year/month links scan the whole table on every page.
     show_full_result_count = False
     fields = (
         "created_at",
         "tool",
         "decision",
+        "status",
         "missing_permission",
         "user_link",
         "execution_link",

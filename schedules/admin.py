@@ -37,6 +37,19 @@ HEARTBEAT_NOTE = (
     "Edit the file and run loadheartbeats (runworker does at start) to change it."
 )
 LAST_EXECUTIONS = 10
+STATE_FIELDS = (
+    "next_run_at",
+    "last_run_at",
+    "execution_count",
+    "consecutive_failures",
+    "last_error",
+    "schedule_version",
+    "claimed_by",
+    "lease_expires_at",
+    "deleted_at",
+    "created_at",
+    "updated_at",
+)
 FORM_FIELDS = (
     "name",
     "prompt",
@@ -300,17 +313,7 @@ class JobAdmin(admin.ModelAdmin):
         "schedule_in_words",
         "next_five_runs",
         "capability_list",
-        "next_run_at",
-        "last_run_at",
-        "execution_count",
-        "consecutive_failures",
-        "last_error",
-        "schedule_version",
-        "claimed_by",
-        "lease_expires_at",
-        "deleted_at",
-        "created_at",
-        "updated_at",
+        *STATE_FIELDS,
     )
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
@@ -337,28 +340,19 @@ class JobAdmin(admin.ModelAdmin):
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
             return [(None, {"fields": ("owner", *FORM_FIELDS)})]
+        overview = (
+            "owner_link",
+            "origin",
+            "schedule_in_words",
+            "next_five_runs",
+            "capability_list",
+        )
+        if obj.heartbeat_name:
+            overview = ("heartbeat_note", *overview)
         return [
-            (None, {"fields": ("heartbeat_note", "owner_link", "origin", *FORM_FIELDS)}),
-            ("When", {"fields": ("schedule_in_words", "next_five_runs")}),
-            ("Capabilities", {"fields": ("capability_list",)}),
-            (
-                "State",
-                {
-                    "fields": (
-                        "next_run_at",
-                        "last_run_at",
-                        "execution_count",
-                        "consecutive_failures",
-                        "last_error",
-                        "schedule_version",
-                        "claimed_by",
-                        "lease_expires_at",
-                        "deleted_at",
-                        "created_at",
-                        "updated_at",
-                    )
-                },
-            ),
+            ("Overview", {"fields": overview}),
+            ("Schedule" if obj.heartbeat_name else "Edit", {"fields": FORM_FIELDS}),
+            ("State", {"fields": STATE_FIELDS}),
         ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
@@ -410,7 +404,7 @@ class JobAdmin(admin.ModelAdmin):
     def last_status(self, obj: Job) -> str:
         return getattr(obj, "last_status", None) or "—"
 
-    @admin.display(description="")
+    @admin.display(description="heartbeat")
     def heartbeat_note(self, obj: Job) -> str:
         return HEARTBEAT_NOTE if obj.heartbeat_name else "—"
 
@@ -495,7 +489,6 @@ class ExecutionAdmin(ReadOnlyAdmin):
     )
     search_fields = ("job__name", "job__owner__username", "worker_id")
     list_select_related = ("job__owner",)
-    date_hierarchy = "scheduled_for"
     list_per_page = 50
     show_full_result_count = False
     inlines = [ToolCallInline]
