@@ -106,6 +106,39 @@ def measure(client: Any, url: str) -> dict[str, float]:
     }
 
 
+def section(databases: list[tuple[str, str]]) -> list[str]:
+    """The console's rows of docs/benchmarks.md: each database, in its own process."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    lines = [
+        "",
+        "### The operator console at 100k executions (`bench/dashboard.py`)",
+        "",
+        "Each page through Django's whole request stack as a logged-in operator, 1,000 "
+        "schedules and 100,000 executions over 7 days; median (worst) of 15 requests, and the "
+        "queries per page.",
+        "",
+        "| database | dashboard ms | executions list ms | schedules list ms | /metrics ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, url in databases:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.dashboard", url],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        cells = [
+            f"{r[page]['median_ms']} ({r[page]['max_ms']}), {r[page]['queries']} q"
+            for page in ("dashboard", "executions", "schedules", "metrics")
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     url = sys.argv[1]
     executions = int(sys.argv[2]) if len(sys.argv) > 2 else 100_000
