@@ -1,5 +1,6 @@
 """`make bench`: claims per second, lag from due to start and idle load, 1 and 4 workers, both
-databases; and permission checks with hostile patterns (`bench.permissions`).
+databases; permission checks with hostile patterns (`bench.permissions`); and the operator
+console's pages at 100k executions (`bench.dashboard`).
 
 Each scenario runs in its own process (`bench.scenario`) against its own database
 (picobot_bench), and the results are written to docs/benchmarks.md.
@@ -16,7 +17,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import permissions
+from bench import dashboard, permissions
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES_HEADING = "## Notes"
@@ -66,6 +67,7 @@ def main() -> None:
                 rows.append((name, result))
             notify_rows.append((name, scenario(url, 0, module="bench.notifications")))
             print(name, notify_rows[-1][1], flush=True)
+        console = dashboard.section(databases)
     lines = [
         "# Benchmarks",
         "",
@@ -106,6 +108,7 @@ def main() -> None:
         lines.append(
             f"| {name} | {r['sent_per_sec']} | {r['latency_p50_ms']} | {r['latency_p99_ms']} |"
         )
+    lines += console
     doc = ROOT / "docs" / "benchmarks.md"
     # Everything from the notes heading on is written by hand (history, analysis): kept.
     old = doc.read_text() if doc.exists() else ""
