@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 import dj_database_url
@@ -189,8 +190,10 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
-# Serve from the apps' static folders too, so a missed `collectstatic` never breaks the admin.
+# Serve from the apps' static folders too, so a missed `collectstatic` never breaks the admin
+# (and whitenoise need not warn that STATIC_ROOT was never collected).
 WHITENOISE_USE_FINDERS = True
+warnings.filterwarnings("ignore", message="No directory at", category=UserWarning)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["kernel.auth.ApiKeyAuthentication"],

@@ -76,7 +76,7 @@ def context(now: datetime | None = None) -> dict[str, Any]:
         "failures_24h": chart.total(health.FAILURES),
         "lost_24h": chart.total({S.LOST}),
         "executions_24h": chart.total(set(S)),
-        "workers": workers.alive(),
+        "workers": workers.alive(state.now),
         "bars": chart_bars(chart),
         "legend": [(status, colour) for status, colour in STATUS_COLOURS.items()],
         "chart_width": CHART_WIDTH,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import connection
 
 from schedules.dbtime import db_now
@@ -50,13 +51,12 @@ def stopped(worker_id: str) -> None:
     Worker.objects.filter(last_seen_at__lt=now - FORGET_AFTER).delete()
 
 
-def alive() -> list[Worker]:
-    """Workers seen within a lease, most recent first."""
-    from django.conf import settings
-
+def alive(now: datetime | None = None) -> list[Worker]:
+    """Workers seen within a lease of `now` (default: the database's now), most recent first."""
     lease = timedelta(seconds=settings.PICOBOT.scheduler.lease_secs)
+    since = (now or db_now()) - lease
     return list(
-        Worker.objects.filter(stopped_at__isnull=True, last_seen_at__gte=db_now() - lease).order_by(
+        Worker.objects.filter(stopped_at__isnull=True, last_seen_at__gte=since).order_by(
             "-last_seen_at"
         )
     )

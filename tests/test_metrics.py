@@ -3,8 +3,11 @@ labels that never carry an id."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
+import sys
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
@@ -156,4 +159,23 @@ def test_runworker_metrics_port_serves_the_worker_metrics_without_ids(
     assert 'picobot_tool_calls_total{decision="denied",tool="shell"} 1.0' in exposition
     assert "picobot_claims_total 1.0" in exposition
     assert "picobot_execution_lag_seconds_bucket" in exposition
+    assert id_like_labels(exposition) == []
+
+
+@pytest.mark.django_db
+def test_in_multiprocess_mode_metrics_reports_the_other_processes_counters(
+    client, settings, tmp_path, monkeypatch
+) -> None:
+    """qcluster's processes write to PROMETHEUS_MULTIPROC_DIR; the web /metrics reads it all."""
+    settings.PICOBOT_METRICS_TOKEN = ""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    task = (
+        "from prometheus_client import Counter\n"
+        "Counter('picobot_test_deliveries', 'x', ['channel']).labels('webhook').inc(3)\n"
+    )
+    for _ in range(2):  # two processes, as qcluster's workers are
+        subprocess.run([sys.executable, "-c", task], check=True, env=dict(os.environ))
+    exposition = client.get("/metrics").content.decode()
+    assert 'picobot_test_deliveries_total{channel="webhook"} 6.0' in exposition
+    assert "picobot_queue_due_jobs" in exposition
     assert id_like_labels(exposition) == []
