@@ -29,10 +29,12 @@ def operator(client: Any) -> Any:
 @pytest.fixture
 def worker(tmp_path: Path, model_server: Any) -> Iterator[Any]:
     group = Workers(tmp_path, model_server.base_url, tick_secs=0.5)
-    process = group.start(worker_id="console-w")
-    wait_until(lambda: Worker.objects.filter(worker_id="console-w").exists(), 30, "registry")
-    yield process
-    group.stop_all()
+    try:
+        process = group.start(worker_id="console-w")
+        wait_until(lambda: Worker.objects.filter(worker_id="console-w").exists(), 60, "registry")
+        yield process
+    finally:
+        group.stop_all()
 
 
 def act(operator: Any, action: str, job: Job) -> None:

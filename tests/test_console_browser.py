@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kernel.models import User
+from kernel.models import ToolCall, User
 from schedules.dbtime import db_now
 from schedules.models import Execution, ExecutionStatus, Job
 from schedules.timing import first_run, spec_of
@@ -136,16 +136,19 @@ def test_an_operator_logs_in_reads_the_dashboard_filters_and_runs_a_job_now(
     )
     model_server.reply_always("Two new messages, nothing urgent.")
     workers = Workers(tmp_path, model_server.base_url, tick_secs=0.5)
-    workers.start(worker_id="web-1:4242")
-    wait_until(lambda: workers_alive(), 30, "the worker to report")
     try:
+        workers.start(worker_id="web-1:4242")
+        wait_until(lambda: workers_alive(), 60, "the worker to report")
         browser.get(f"{live_server.url}/admin/login/")
         browser.find_element(By.NAME, "username").send_keys("operator")
         browser.find_element(By.NAME, "password").send_keys(PASSWORD)
         browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+        # A click that submits a form returns before the next page: wait for it.
+        wait_until(lambda: "/login/" not in browser.current_url, 30, "the login")
         assert "PicoBot operator console" in browser.page_source
 
         browser.find_element(By.LINK_TEXT, "Queue health dashboard").click()
+        wait_until(lambda: browser.find_elements(By.ID, "workers-alive"), 30, "the dashboard")
         assert browser.find_element(By.ID, "workers-alive").text == "1"
         assert int(browser.find_element(By.ID, "failures").text) > 0
         assert browser.find_elements(By.CSS_SELECTOR, "svg.picobot-chart rect[fill]")
@@ -153,11 +156,32 @@ def test_an_operator_logs_in_reads_the_dashboard_filters_and_runs_a_job_now(
 
         browser.get(f"{live_server.url}/admin/schedules/execution/")
         browser.find_element(By.LINK_TEXT, "Failed").click()
+        wait_until(lambda: "status__exact=failed" in browser.current_url, 30, "the filter")
         statuses = {e.text for e in browser.find_elements(By.CSS_SELECTOR, "td.field-status")}
         assert statuses == {"Failed"}
 
+        # Long unbroken text (a path, a denied permission) wraps: no sideways scroll at 1400 px.
+        long_text = "/srv/" + "x" * 600
+        for execution in Execution.objects.all()[:3]:
+            ToolCall.objects.create(
+                execution=execution,
+                user=owner,
+                tool="filesystem_read",
+                decision="denied",
+                missing_permission=f"filesystem:read:{long_text}",
+                arguments={"path": long_text},
+                error=long_text,
+            )
+        for page in ("/admin/kernel/toolcall/", "/admin/schedules/execution/"):
+            browser.get(live_server.url + page)
+            overflow = browser.execute_script(
+                "return document.documentElement.scrollWidth - window.innerWidth"
+            )
+            assert overflow <= 0, (page, overflow)
+
         browser.get(f"{live_server.url}/admin/schedules/job/")
         browser.find_element(By.LINK_TEXT, "Morning inbox summary").click()
+        wait_until(lambda: "Next five runs" in browser.page_source, 30, "the schedule's page")
         assert "Europe/Paris" in browser.page_source and "T07:30:00+0" in browser.page_source
         browser.set_window_size(1400, 1500)
         screenshot(browser, tmp_path, "schedule.png")
@@ -168,7 +192,9 @@ def test_an_operator_logs_in_reads_the_dashboard_filters_and_runs_a_job_now(
         row.find_element(By.CSS_SELECTOR, "input.action-select").click()
         Select(browser.find_element(By.NAME, "action")).select_by_value("run_now")
         browser.find_element(By.NAME, "index").click()
-        assert "Run now: Morning inbox summary" in browser.page_source
+        wait_until(
+            lambda: "Run now: Morning inbox summary" in browser.page_source, 30, "the action"
+        )
 
         def appeared() -> bool:
             browser.get(f"{live_server.url}/admin/schedules/execution/?job__id__exact={job.pk}")
@@ -180,7 +206,9 @@ def test_an_operator_logs_in_reads_the_dashboard_filters_and_runs_a_job_now(
 
         wait_until(appeared, 30, "the run to appear in the executions list")
         browser.find_element(By.CSS_SELECTOR, "th.field-id a").click()
-        assert "Two new messages, nothing urgent." in browser.page_source
+        wait_until(
+            lambda: "Two new messages, nothing urgent." in browser.page_source, 30, "the output"
+        )
     finally:
         workers.stop_all()
 

@@ -148,8 +148,8 @@ def test_runworker_metrics_port_serves_the_worker_metrics_without_ids(
     workers = Workers(tmp_path, model_server.base_url)
     try:
         workers.start("--metrics-port", str(port), worker_id="metrics-w")
-        wait_until(lambda: Execution.objects.filter(job=job, status=S.SUCCEEDED).exists(), 30)
-        wait_until(lambda: Worker.objects.filter(worker_id="metrics-w").exists(), 30)
+        wait_until(lambda: Execution.objects.filter(job=job, status=S.SUCCEEDED).exists(), 60)
+        wait_until(lambda: Worker.objects.filter(worker_id="metrics-w").exists(), 60)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
             exposition = answer.read().decode()
     finally:
