@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections import Counter as Tally
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,8 +25,7 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, F, Window
-from django.db.models.functions import RowNumber
+from django.db.models import Count
 from django.utils.dateparse import parse_datetime
 
 from kernel.processes import interrupt_calls
@@ -50,8 +48,8 @@ logger = logging.getLogger("picobot.claims")
 S = ExecutionStatus
 # Key of the advisory lock that serialises claimers on PostgreSQL ("pico" in ASCII).
 CLAIM_LOCK_KEY = 0x7069636F
-# Candidates read per claim; the per-user rank cap keeps one user's backlog from filling it.
-MAX_CANDIDATES = 500
+# Due jobs read per page of the claim's candidate scan.
+CANDIDATE_PAGE = 200
 MAX_OUTPUT_CHARS = 20_000
 MAX_ERROR_CHARS = 4_000
 
@@ -150,36 +148,32 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
     if limit <= 0:
         return result
     with transaction.atomic():
-        _serialise_claimers()
-        now = db_now()
+        now = _serialise_claimers()
         cutoff = now if due_before is None else min(now, due_before)
         chosen = _choose(now, cutoff, limit, result)
         if not chosen:
             return result
-        # Read the clock again after counting: a run that finished unseen by the count (it
-        # committed before the count's snapshot) then has finished_at < our started_at, so the
-        # recorded intervals show the limits exactly as they were enforced.
-        now = db_now()
-        claimed_ids = _claim_rows(chosen, worker_id, now, cutoff)
-        lease = timedelta(seconds=settings.PICOBOT.scheduler.lease_secs)
-        jobs = Job.objects.filter(id__in=claimed_ids).select_related("owner")
-        for job in jobs.order_by("next_run_at", "id"):
-            claim = _start(job, worker_id, now, now + lease)
-            if claim is None:
-                result.skipped += 1
-            else:
-                result.claims.append(claim)
+        # The claim statement reads the clock again, after counting: a run that finished unseen
+        # by the count (it committed before the count's snapshot) then has finished_at < our
+        # started_at, so the recorded intervals show the limits exactly as they were enforced.
+        jobs, now = _claim_rows(chosen, worker_id, cutoff)
+        planned = [(job, start) for job in jobs if (start := _start(job, now)) is not None]
+        result.skipped += len(jobs) - len(planned)
+        result.claims.extend(_insert_runs(planned, worker_id, now))
     for claim in result.claims:
         metrics.CLAIMS.inc()
         metrics.EXECUTION_LAG.labels(claim.schedule_type).observe(claim.lag_secs)
     return result
 
 
-def _serialise_claimers() -> None:
+def _serialise_claimers() -> datetime:
+    """Take the claim lock; returns the database's clock, read once the lock is held."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [CLAIM_LOCK_KEY])
+            cursor.execute("SELECT pg_advisory_xact_lock(%s), clock_timestamp()", [CLAIM_LOCK_KEY])
+            return cursor.fetchone()[1].astimezone(UTC)
     # SQLite: the transaction began IMMEDIATE (settings), so it already holds the writer lock.
+    return db_now()
 
 
 def _due(cutoff: datetime) -> Any:
@@ -189,148 +183,227 @@ def _due(cutoff: datetime) -> Any:
 
 
 def _choose(now: datetime, cutoff: datetime, limit: int, result: ClaimResult) -> list[int]:
-    """Pick which due jobs to claim: within the limits, round-robin across owners."""
+    """Pick which due jobs to claim: within the limits, round-robin across owners.
+
+    Due jobs are read oldest first from the due index a page at a time; an owner at its
+    concurrency limit or over its runs quota is left out of the pages that follow. Reading stops
+    once `free` owners have a pick, so the work is bounded by the slots, not by the backlog.
+    """
     config = settings.PICOBOT.scheduler
-    running = dict(
+    running = _running_by_owner()
+    free = min(limit, config.max_concurrent - sum(running.values()))
+    if free <= 0:
+        return []
+    cap = config.max_concurrent_per_user
+    closed = {owner for owner, n in running.items() if n >= cap}
+    picks: dict[int, list[int]] = {}
+    runs: dict[int, int] = {}
+    after: tuple[Any, int] | None = None
+    while True:
+        rows = _due_page(cutoff, after, closed)
+        # Counted here, under the claim lock, once per owner the pages reach; with this claim's
+        # own picks added below, the count is exact.
+        fresh = {owner for _, owner, system, _ in rows if not system and owner not in runs}
+        runs.update(dict.fromkeys(fresh, 0) | quotas.runs_in_window_by_owner(fresh, now))
+        for job_id, owner, system, _ in rows:
+            if owner in closed:
+                continue
+            mine = picks.setdefault(owner, [])
+            if not system and runs[owner] + len(mine) >= config.max_runs_per_window:
+                result.deferred += 1
+                metrics.DEFERRED.labels("max_runs_per_window").inc()
+                closed.add(owner)
+                continue
+            mine.append(job_id)
+            if running.get(owner, 0) + len(mine) >= cap:
+                closed.add(owner)
+        if len(rows) < CANDIDATE_PAGE or sum(1 for mine in picks.values() if mine) >= free:
+            break
+        after = (rows[-1][3], rows[-1][0])
+    return _round_robin(picks, free)
+
+
+def _round_robin(picks: dict[int, list[int]], free: int) -> list[int]:
+    # Rank 1 of every owner (in the order of their oldest due job) before anyone's rank 2: one
+    # user's backlog cannot starve another user.
+    chosen: list[int] = []
+    rank = 0
+    while len(chosen) < free and any(len(mine) > rank for mine in picks.values()):
+        chosen.extend(mine[rank] for mine in picks.values() if len(mine) > rank)
+        rank += 1
+    return chosen[:free]
+
+
+def _running_by_owner() -> dict[int, int]:
+    return dict(
         Execution.objects.filter(status=S.RUNNING)
         .values("job__owner_id")
         .annotate(n=Count("id"))
         .values_list("job__owner_id", "n")
     )
-    free = min(limit, config.max_concurrent - sum(running.values()))
-    if free <= 0:
-        return []
-    # Rank each owner's due jobs oldest first and take rank 1 of every owner before anyone's
-    # rank 2: one user's backlog cannot starve another user.
-    candidates = list(
-        _due(cutoff)
-        .annotate(
-            rank=Window(
-                RowNumber(),
-                partition_by=[F("owner_id")],
-                order_by=[F("next_run_at").asc(), F("id").asc()],
-            )
-        )
-        .filter(rank__lte=config.max_concurrent_per_user)
-        .order_by("rank", "next_run_at", "id")
-        .values_list("id", "owner_id", "owner__is_system")[:MAX_CANDIDATES]
-    )
-    if not candidates:
-        return []
-    # Counted here, under the claim lock, in one query for every owner the loop may reach; with
-    # this claim's own picks added below, the count is exact.
-    runs = quotas.runs_in_window_by_owner(
-        {owner_id for _, owner_id, system in candidates if not system}, now
-    )
-    picked: Tally[int] = Tally()
-    chosen: list[int] = []
-    for job_id, owner_id, system in candidates:
-        if len(chosen) >= free:
-            break
-        if running.get(owner_id, 0) + picked[owner_id] >= config.max_concurrent_per_user:
-            continue
-        if not system:
-            if runs.get(owner_id, 0) + picked[owner_id] >= config.max_runs_per_window:
-                result.deferred += 1
-                metrics.DEFERRED.labels("max_runs_per_window").inc()
-                continue
-        picked[owner_id] += 1
-        chosen.append(job_id)
-    return chosen
 
 
-def _claim_rows(job_ids: list[int], worker_id: str, now: datetime, cutoff: datetime) -> list[int]:
-    """The claim statement: one UPDATE that re-checks "due" and writes token, worker and lease."""
+def _due_page(
+    cutoff: datetime, after: tuple[Any, int] | None, closed: set[int]
+) -> list[tuple[int, int, bool, Any]]:
+    """One page of due jobs, oldest first, from the due index: (id, owner, owner is the system
+    principal, next_run_at as the database gave it, for the next page's start)."""
+    table, users = Job._meta.db_table, Job._meta.get_field("owner").related_model._meta.db_table
+    sql = (
+        f"SELECT j.id, j.owner_id, u.is_system, j.next_run_at FROM {table} j "  # noqa: S608 (names from the models, values bound)
+        f"JOIN {users} u ON u.id = j.owner_id "
+        "WHERE j.enabled AND j.deleted_at IS NULL AND j.claim_token IS NULL "
+        "AND j.next_run_at <= %s"
+    )
+    params: list[Any] = [connection.ops.adapt_datetimefield_value(cutoff)]
+    if after is not None:
+        sql += " AND (j.next_run_at, j.id) > (%s, %s)"
+        params += list(after)
+    if closed:
+        sql += f" AND j.owner_id NOT IN ({', '.join(['%s'] * len(closed))})"
+        params += sorted(closed)
+    sql += " ORDER BY j.next_run_at, j.id LIMIT %s"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, CANDIDATE_PAGE])
+        return [(row[0], row[1], bool(row[2]), row[3]) for row in cursor.fetchall()]
+
+
+def _claim_rows(job_ids: list[int], worker_id: str, cutoff: datetime) -> tuple[list[Job], datetime]:
+    """The claim statement: one UPDATE that re-checks "due", writes token, worker, the clock and
+    the lease, and returns the claimed jobs (oldest first) with the clock it wrote."""
     table = Job._meta.db_table
-    ops = connection.ops
-    lease = now + timedelta(seconds=settings.PICOBOT.scheduler.lease_secs)
-    stamp = [worker_id, ops.adapt_datetimefield_value(now), ops.adapt_datetimefield_value(lease)]
+    lease_secs = settings.PICOBOT.scheduler.lease_secs
+    columns = ", ".join(f"{table}.{f.column}" for f in Job._meta.concrete_fields)
     due = "enabled AND deleted_at IS NULL AND claim_token IS NULL AND next_run_at <= %s"
     if connection.vendor == "postgresql":
         sql = (
-            f"UPDATE {table} SET claim_token = gen_random_uuid(), claimed_by = %s, "  # noqa: S608 (table name from the model, values bound)
-            f"claimed_at = %s, lease_expires_at = %s "
-            f"WHERE id IN (SELECT id FROM {table} WHERE id = ANY(%s) AND {due} "
-            f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id"
+            f"WITH clock AS (SELECT clock_timestamp() AS now) "  # noqa: S608 (table name from the model, values bound)
+            f"UPDATE {table} SET claim_token = gen_random_uuid(), claimed_by = %s, "
+            f"claimed_at = clock.now, lease_expires_at = clock.now + make_interval(secs => %s) "
+            f"FROM clock WHERE {table}.id IN (SELECT id FROM {table} WHERE id = ANY(%s) AND {due} "
+            f"ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING {columns}"
         )
-        params = [*stamp, job_ids, cutoff, len(job_ids)]
+        params = [worker_id, lease_secs, job_ids, cutoff, len(job_ids)]
     else:
+        ops = connection.ops
+        now = db_now()
+        lease = ops.adapt_datetimefield_value(now + timedelta(seconds=lease_secs))
         marks = ", ".join(["%s"] * len(job_ids))
         sql = (
             f"UPDATE {table} SET claim_token = lower(hex(randomblob(16))), claimed_by = %s, "  # noqa: S608 (table name from the model, values bound)
             f"claimed_at = %s, lease_expires_at = %s "
             f"WHERE id IN (SELECT id FROM {table} WHERE id IN ({marks}) AND {due} "
-            f"ORDER BY id LIMIT %s) RETURNING id"
+            f"ORDER BY id LIMIT %s) RETURNING {columns}"
         )
-        params = [*stamp, *job_ids, ops.adapt_datetimefield_value(cutoff), len(job_ids)]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return [row[0] for row in cursor.fetchall()]
+        params = [worker_id, ops.adapt_datetimefield_value(now), lease, *job_ids]
+        params += [ops.adapt_datetimefield_value(cutoff), len(job_ids)]
+    jobs = list(Job.objects.raw(sql, params))
+    if not jobs:
+        return [], db_now()
+    owners = _owners({job.owner_id for job in jobs})
+    for job in jobs:
+        job.owner = owners[job.owner_id]
+    jobs.sort(key=lambda job: (job.next_run_at, job.pk))
+    return jobs, jobs[0].claimed_at
 
 
-def _start(job: Job, worker_id: str, now: datetime, lease_expires_at: datetime) -> Claim | None:
-    """Create the execution for a job this transaction just claimed (None: nothing to run)."""
+def _owners(ids: set[int]) -> dict[int, Any]:
+    return Job._meta.get_field("owner").related_model.objects.in_bulk(ids)
+
+
+@dataclass
+class _Start:
+    """The occurrence a claimed job runs now, planned before its execution row is written."""
+
+    scheduled_for: datetime
+    attempt: int
+    missed: int
+
+
+def _start(job: Job, now: datetime) -> _Start | None:
+    """Plan the execution for a job this transaction just claimed (None: nothing to run, and
+    the job has moved on)."""
     assert job.claim_token is not None and job.next_run_at is not None
-    spec = spec_of(job)
     if job.pending_scheduled_for is not None:
-        scheduled_for, attempt, missed = job.pending_scheduled_for, job.pending_attempt, 0
-    else:
-        plan = plan_due(spec, job.next_run_at, now, job.misfire)
-        scheduled_for, attempt, missed = plan.scheduled_for, 1, plan.missed_count
-        reason = MISFIRE_SKIP_REASON if plan.skip else skip_reason(job, spec, plan)
-        if reason:
-            _skip(job, plan, now, reason)
-            return None
-    try:
-        with transaction.atomic():
-            execution = _create_execution(
-                job,
-                scheduled_for,
-                now,
-                attempt=attempt,
-                status=S.RUNNING,
-                worker_id=worker_id,
-                claim_token=job.claim_token,
-                missed_count=missed,
-            )
-    except IntegrityError:
-        # UNIQUE (job, scheduled_for, attempt): this attempt already started once. Running it
-        # again would be a duplicate, so the job moves past the occurrence instead.
-        logger.error(
-            "job=%s user=%s occurrence %s attempt %s already started; moving on",
-            job.pk,
-            job.owner_id,
-            scheduled_for.isoformat(),
-            attempt,
-        )
-        following = next_after(spec, scheduled_for)
-        changes: dict[str, Any] = {
-            **RELEASE,
-            "next_run_at": following,
-            "pending_scheduled_for": None,
-            "pending_attempt": 1,
-        }
-        if following is None:
-            changes["enabled"] = False
-        _fenced_job_update(job.pk, job.claim_token, changes)
+        return _Start(job.pending_scheduled_for, job.pending_attempt, 0)
+    spec = spec_of(job)
+    plan = plan_due(spec, job.next_run_at, now, job.misfire)
+    reason = MISFIRE_SKIP_REASON if plan.skip else skip_reason(job, spec, plan)
+    if reason:
+        _skip(job, plan, now, reason)
         return None
-    logger.info(
-        "claimed job=%s execution=%s user=%s scheduled_for=%s attempt=%s worker=%s",
+    return _Start(plan.scheduled_for, 1, plan.missed_count)
+
+
+def _insert_runs(planned: list[tuple[Job, _Start]], worker_id: str, now: datetime) -> list[Claim]:
+    """Write the `running` executions of the planned occurrences in one statement; an
+    occurrence whose attempt already started once (UNIQUE (job, scheduled_for, attempt)) is not
+    run again: its job moves past it instead."""
+    rows = [
+        _execution_row(
+            job,
+            start.scheduled_for,
+            now,
+            attempt=start.attempt,
+            status=S.RUNNING,
+            worker_id=worker_id,
+            claim_token=job.claim_token,
+            missed_count=start.missed,
+        )
+        for job, start in planned
+    ]
+    ids = _insert_executions(rows)
+    claims: list[Claim] = []
+    for job, start in planned:
+        execution_id = ids.get(job.pk)
+        if execution_id is None:
+            _already_started(job, start)
+            continue
+        claims.append(_claim_of(job, start, execution_id, now))
+        logger.info(
+            "claimed job=%s execution=%s user=%s scheduled_for=%s attempt=%s worker=%s",
+            job.pk,
+            execution_id,
+            job.owner_id,
+            start.scheduled_for.isoformat(),
+            start.attempt,
+            worker_id,
+        )
+    return claims
+
+
+def _already_started(job: Job, start: _Start) -> None:
+    # Running it again would be a duplicate, so the job moves past the occurrence instead.
+    assert job.claim_token is not None
+    logger.error(
+        "job=%s user=%s occurrence %s attempt %s already started; moving on",
         job.pk,
-        execution.pk,
         job.owner_id,
-        scheduled_for.isoformat(),
-        attempt,
-        worker_id,
+        start.scheduled_for.isoformat(),
+        start.attempt,
     )
+    following = next_after(spec_of(job), start.scheduled_for)
+    changes: dict[str, Any] = {
+        **RELEASE,
+        "next_run_at": following,
+        "pending_scheduled_for": None,
+        "pending_attempt": 1,
+    }
+    if following is None:
+        changes["enabled"] = False
+    _fenced_job_update(job.pk, job.claim_token, changes)
+
+
+def _claim_of(job: Job, start: _Start, execution_id: int, now: datetime) -> Claim:
+    assert job.claim_token is not None and job.next_run_at is not None
     return Claim(
         job_id=job.pk,
-        execution_id=execution.pk,
+        execution_id=execution_id,
         token=job.claim_token,
         owner_id=job.owner_id,
         schedule_type=job.schedule_type,
-        scheduled_for=scheduled_for,
-        attempt=attempt,
+        scheduled_for=start.scheduled_for,
+        attempt=start.attempt,
         schedule_version=job.schedule_version,
         prompt=job.prompt,
         capabilities=list(job.capabilities or []),
@@ -341,11 +414,12 @@ def _start(job: Job, worker_id: str, now: datetime, lease_expires_at: datetime) 
     )
 
 
-def _create_execution(job: Job, scheduled_for: datetime, now: datetime, **fields: Any) -> Execution:
-    """An execution of `job`'s occurrence at `scheduled_for`, with the prompt, capabilities and
-    version the job has now (what that occurrence runs with, whatever a later PATCH says)."""
-    return Execution.objects.create(
-        job=job,
+def _execution_row(job: Job, scheduled_for: datetime, now: datetime, **fields: Any) -> Execution:
+    """An unsaved execution of `job`'s occurrence at `scheduled_for`, with the prompt,
+    capabilities and version the job has now (what that occurrence runs with, whatever a later
+    PATCH says)."""
+    return Execution(
+        job_id=job.pk,
         scheduled_for=scheduled_for,
         started_at=now,
         schedule_version=job.schedule_version,
@@ -383,6 +457,34 @@ def skip_reason(job: Job, spec: ScheduleSpec, plan: DuePlan) -> str:
                 f"interval ({minimum} s)"
             )
     return ""
+
+
+def _insert_executions(rows: list[Execution]) -> dict[int, int]:
+    """INSERT the rows in one statement, skipping any that collide with an existing attempt;
+    returns {job id: new execution id} for the rows written."""
+    if not rows:
+        return {}
+    fields = [f for f in Execution._meta.concrete_fields if not f.primary_key]
+    table = Execution._meta.db_table
+    one = f"({', '.join(['%s'] * len(fields))})"
+    sql = (
+        f"INSERT INTO {table} ({', '.join(f.column for f in fields)}) "  # noqa: S608 (names from the model, values bound)
+        f"VALUES {', '.join([one] * len(rows))} "
+        "ON CONFLICT (job_id, scheduled_for, attempt) DO NOTHING RETURNING job_id, id"
+    )
+    params = [
+        f.get_db_prep_save(f.pre_save(row, add=True), connection) for row in rows for f in fields
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return dict(cursor.fetchall())
+
+
+def _create_execution(job: Job, scheduled_for: datetime, now: datetime, **fields: Any) -> Execution:
+    """`_execution_row`, saved."""
+    execution = _execution_row(job, scheduled_for, now, **fields)
+    execution.save(force_insert=True)
+    return execution
 
 
 def _skip(job: Job, plan: DuePlan, now: datetime, reason: str) -> None:

@@ -185,8 +185,14 @@ class Execution(models.Model):
                 name="execution_running_idx",
             ),
             models.Index(fields=["finished_at"], name="execution_finished_idx"),
-            # Runs per rolling window are counted at claim time from started_at.
-            models.Index(fields=["started_at"], name="execution_started_idx"),
+            # Runs per rolling window, counted under the claim lock for each candidate owner:
+            # the owner's jobs, then each job's runs since the window's start, from the index
+            # alone (skipped executions never ran and are not in it).
+            models.Index(
+                fields=["job", "started_at"],
+                condition=~Q(status="skipped"),
+                name="execution_job_started_idx",
+            ),
         ]
 
     def __str__(self) -> str:

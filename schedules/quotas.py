@@ -83,7 +83,7 @@ def runs_in_window_by_owner(owner_ids: Iterable[int], now: datetime) -> dict[int
         _runs_in_window(now)
         .filter(job__owner_id__in=set(owner_ids))
         .values("job__owner_id")
-        .annotate(n=Count("id"))
+        .annotate(n=Count("*"))  # not a column: the count is answered from the index alone
         .values_list("job__owner_id", "n")
     )
 

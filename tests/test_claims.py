@@ -105,6 +105,32 @@ def test_the_per_user_limit_holds_and_one_users_backlog_does_not_starve_another(
     assert claim() == []  # busy is at its limit, quiet has nothing else
 
 
+@pytest.mark.parametrize("page", [1, 3, 200])
+def test_fairness_and_the_limits_hold_whatever_the_candidate_page_size(
+    make_job, make_user, picobot_config, monkeypatch, page
+):
+    # Candidates are read a page at a time from the due index; a backlog longer than a page
+    # (an owner at its limit, or over its quota) must not hide the owners due after it.
+    monkeypatch.setattr(claims, "CANDIDATE_PAGE", page)
+    picobot_config("scheduler", max_concurrent=10, max_concurrent_per_user=2, max_runs_per_window=3)
+    busy, capped, quiet = make_user(), make_user(), make_user()
+    old = db_now() - timedelta(hours=1)
+    for i in range(3):
+        Execution.objects.create(
+            job=make_job(owner=capped, next_run_at=None), scheduled_for=old, attempt=i + 1
+        )
+    Execution.objects.filter(job__owner=capped).update(status=S.SUCCEEDED, started_at=db_now())
+    for i in range(8):
+        make_job(owner=capped, next_run_at=old + timedelta(seconds=i))
+        make_job(owner=busy, next_run_at=old + timedelta(seconds=10 + i))
+    make_job(owner=quiet)
+    result = claims.claim_due("w", 10)
+    owners = [c.owner_id for c in result.claims]
+    assert sorted(owners) == sorted([busy.pk, busy.pk, quiet.pk])
+    assert result.deferred >= 1
+    assert claim() == []
+
+
 def test_an_over_quota_occurrence_is_deferred_and_keeps_its_scheduled_time(
     make_job, picobot_config
 ):
