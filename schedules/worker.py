@@ -63,6 +63,8 @@ CONNECTION_CHECK_AFTER_SECS = 10.0
 RELISTEN_SECS = 5.0
 # Pause between attempts to record a finished run while the database is unreachable.
 COMPLETION_RETRY_SECS = 0.5
+# How long a claim waits for more slots to free when only a few are (see `handle_one_claim`).
+CLAIM_GATHER_SECS = 0.005
 
 
 def _keep_connection_if_clean() -> None:
@@ -242,6 +244,11 @@ class Worker:
         free = self.concurrency - self.running_count()
         if free <= 0 or self.stopping:
             return False
+        if free < max(1, self.concurrency // 4) and free < self.concurrency:
+            # Runs are finishing one by one: wait a few milliseconds for more free slots, so one
+            # claim transaction (and one turn of the claim lock) serves several.
+            self._waker.sleep(CLAIM_GATHER_SECS)
+            free = self.concurrency - self.running_count()
         if not known_due and not claims.anything_due(due_before):
             return False
         result = claims.claim_due(self.worker_id, free, due_before=due_before)
