@@ -1,0 +1,99 @@
+"""A `runworker` process that counts its own statements, commits and CPU, for the benchmarks.
+
+    python -m bench.worker [--no-model] RUNWORKER-ARGS...
+On SIGUSR2 the counters and the CPU clock start (the scenario sends it just before the jobs
+come due, so start-up is not counted); at exit one JSON line goes to $BENCH_COUNTS_FILE:
+statements, commits (explicit, plus each statement run in autocommit) and CPU seconds since.
+`--no-model` replaces the agent loop by an instant answer: what is left is the scheduler's own
+cost per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+_lock = threading.Lock()
+_counts = {"on": False, "statements": 0, "commits": 0, "cpu": 0.0}
+
+
+def _count(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+    if _counts["on"]:
+        connection = context["connection"]
+        implicit = connection.get_autocommit() and not connection.in_atomic_block
+        with _lock:
+            _counts["statements"] += 1
+            _counts["commits"] += int(implicit)
+    return execute(sql, params, many, context)
+
+
+def _install_counters() -> None:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.backends.signals import connection_created
+
+    def on_connect(sender: Any, connection: Any, **kwargs: Any) -> None:
+        connection.execute_wrappers.append(_count)
+
+    connection_created.connect(on_connect, weak=False)
+    commit = BaseDatabaseWrapper._commit
+
+    def counted_commit(self: Any) -> Any:
+        if _counts["on"]:
+            with _lock:
+                _counts["commits"] += 1
+        return commit(self)
+
+    BaseDatabaseWrapper._commit = counted_commit  # type: ignore[method-assign]
+
+    def start(signum: int, frame: Any) -> None:
+        _counts.update(on=True, statements=0, commits=0, cpu=time.process_time())
+
+    signal.signal(signal.SIGUSR2, start)
+
+
+def _without_model() -> None:
+    from kernel.agent import AgentResult
+    from schedules import executor
+
+    def instant(prompt: str, context: Any, **kwargs: Any) -> AgentResult:
+        return AgentResult(text="ok", prompt_tokens=1, completion_tokens=1)
+
+    executor.run_agent = instant  # type: ignore[assignment]
+
+
+def _report() -> None:
+    path = os.environ.get("BENCH_COUNTS_FILE")
+    if not path:
+        return
+    cpu = time.process_time() - _counts["cpu"] if _counts["on"] else 0.0
+    row = {"statements": _counts["statements"], "commits": _counts["commits"], "cpu_secs": cpu}
+    with open(path, "a") as out:
+        out.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    no_model = "--no-model" in args
+    args = [a for a in args if a != "--no-model"]
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "picobot_site.settings")
+    import django
+
+    django.setup()
+    _install_counters()
+    if no_model:
+        _without_model()
+    from django.core.management import call_command
+
+    try:
+        call_command("runworker", *args)
+    finally:
+        _report()
+
+
+if __name__ == "__main__":
+    main()
