@@ -79,11 +79,10 @@ def workers(url: str, mode: str, processes: int, env: dict[str, str]) -> dict[st
         counts = Path(tmp) / "counts.jsonl"
         child_env = {**env, "BENCH_COUNTS_FILE": str(counts)}
         extra = ["--no-model"] if mode == "nomodel" else []
-        concurrency = str(16 // processes)
+        extra += ["--concurrency", str(16 // processes)]
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "bench.worker", *extra, "--concurrency", concurrency]
-                + ["--worker-id", f"bench{i}"],
+                [sys.executable, "-m", "bench.worker", *extra, "--worker-id", f"bench{i}"],
                 cwd=ROOT,
                 env=child_env,
                 stdout=subprocess.DEVNULL,
