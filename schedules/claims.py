@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.utils.dateparse import parse_datetime
 
 from kernel.processes import interrupt_calls
@@ -643,19 +643,87 @@ def complete(claim: Claim, outcome: Outcome) -> str:
     Returns the status recorded: `outcome.status`, or `superseded` when the claim was lost (then
     only the execution row changes, and only if it is still `running` or `lost`).
     """
-    try:
-        with transaction.atomic():
-            now = db_now()
-            job = _lock_held_job(claim.job_id, claim.token)
-            if job is None:
-                raise ClaimLost(f"job {claim.job_id} changed hands")
-            # `finish` writes the execution row fenced on token and `running`, so a row that is
-            # gone or already final raises ClaimLost there, as a read here would have.
-            finish(job, _execution_of(claim), claim.token, outcome, now)
-    except ClaimLost:
-        record_superseded(claim, outcome)
-        return S.SUPERSEDED
-    return outcome.status
+    return complete_many([(claim, outcome)])[0]
+
+
+def complete_many(done: list[tuple[Claim, Outcome]]) -> list[str]:
+    """`complete` for several executions in ONE transaction: the held jobs are locked in one
+    statement and the executions finished in one set-based statement, both fenced on the claim
+    token as `complete` is. Returns the status recorded for each, in order.
+
+    A lost claim (its job or its execution row is no longer held) changes nothing in that
+    transaction; it is recorded `superseded` afterwards, exactly as `complete` records it.
+    """
+    lost: list[int] = []
+    with transaction.atomic():
+        now = db_now()
+        jobs = _lock_held_jobs([claim for claim, _ in done])
+        held = [i for i, (claim, _) in enumerate(done) if claim.job_id in jobs]
+        finished = _finish_executions([done[i] for i in held], now)
+        for i, (claim, outcome) in enumerate(done):
+            if claim.execution_id not in finished:
+                lost.append(i)
+                continue
+            # Still inside the transaction, with the job locked under this token: the fenced
+            # job update cannot miss.
+            move_on(jobs[claim.job_id], _execution_of(claim), claim.token, outcome, now)
+    statuses = [outcome.status for _, outcome in done]
+    for i in lost:
+        record_superseded(*done[i])
+        statuses[i] = S.SUPERSEDED
+    return statuses
+
+
+def _lock_held_jobs(claims: list[Claim]) -> dict[int, Job]:
+    # FOR UPDATE (PostgreSQL) so a concurrent PATCH or recovery waits for us, and we read the
+    # jobs' current versions; SQLite's IMMEDIATE transaction already excludes other writers.
+    held = Q()
+    for claim in claims:
+        held |= Q(id=claim.job_id, claim_token=claim.token)
+    return {job.pk: job for job in Job.objects.select_for_update().filter(held).order_by("id")}
+
+
+def _finish_executions(done: list[tuple[Claim, Outcome]], now: datetime) -> set[int]:
+    """One fenced UPDATE finalising the executions still `running` under their tokens; returns
+    the ids it finalised (the others were lost)."""
+    if not done:
+        return set()
+    token_field = Execution._meta.get_field("claim_token")
+    values = [
+        (
+            claim.execution_id,
+            token_field.get_db_prep_value(claim.token, connection),
+            outcome.status,
+            clean_text(outcome.output, MAX_OUTPUT_CHARS),
+            clean_text(outcome.error, MAX_ERROR_CHARS),
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
+        )
+        for claim, outcome in done
+    ]
+    table = Execution._meta.db_table
+    stamp = connection.ops.adapt_datetimefield_value(now)
+    if connection.vendor == "postgresql":
+        source = (
+            "unnest(%s::bigint[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::int[], "
+            "%s::int[]) AS v(id, token, status, output, error, prompt_tokens, completion_tokens)"
+        )
+        params: list[Any] = [list(column) for column in zip(*values, strict=True)]
+        names = ("id", "token", "status", "output", "error", "prompt_tokens", "completion_tokens")
+    else:
+        source = f"(VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s)'] * len(values))}) AS v"
+        params = [value for row in values for value in row]
+        names = tuple(f"column{n}" for n in range(1, 8))
+    sql = (
+        f"UPDATE {table} SET status = v.{names[2]}, finished_at = %s, output = v.{names[3]}, "  # noqa: S608 (names from the model, values bound)
+        f"error = v.{names[4]}, prompt_tokens = v.{names[5]}, "
+        f"completion_tokens = v.{names[6]} FROM {source} "
+        f"WHERE {table}.id = v.{names[0]} AND {table}.claim_token = v.{names[1]} "
+        f"AND {table}.status = 'running' RETURNING {table}.id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [stamp, *params])
+        return {row[0] for row in cursor.fetchall()}
 
 
 def _execution_of(claim: Claim) -> Execution:
@@ -670,12 +738,6 @@ def _execution_of(claim: Claim) -> Execution:
         claim_token=claim.token,
         schedule_version=claim.schedule_version,
     )
-
-
-def _lock_held_job(job_id: int, token: UUID) -> Job | None:
-    # FOR UPDATE (PostgreSQL) so a concurrent PATCH or recovery waits for us, and we read the
-    # job's current version; SQLite's IMMEDIATE transaction already excludes other writers.
-    return Job.objects.select_for_update().filter(id=job_id, claim_token=token).first()
 
 
 def record_superseded(claim: Claim, outcome: Outcome) -> None:
@@ -716,6 +778,12 @@ def finish(job: Job, execution: Execution, token: UUID, outcome: Outcome, now: d
     )
     if updated != 1:
         raise ClaimLost(f"execution {execution.pk} is no longer running under this token")
+    move_on(job, execution, token, outcome, now)
+
+
+def move_on(job: Job, execution: Execution, token: UUID, outcome: Outcome, now: datetime) -> None:
+    """Inside a transaction that holds `job` and has just finalised `execution`: move the job on,
+    release the claim and write the completion's notifications."""
     changes, disabled_reason = job_changes(job, execution, outcome, now)
     _fenced_job_update(job.pk, token, {**RELEASE, **changes})
     write_completion_notifications(

@@ -65,6 +65,9 @@ RELISTEN_SECS = 5.0
 COMPLETION_RETRY_SECS = 0.5
 # How long a claim waits for more slots to free when only a few are (see `handle_one_claim`).
 CLAIM_GATHER_SECS = 0.005
+# Completion batches (see `Completer`): at most this many runs, the first waiting at most this.
+COMPLETION_BATCH = 32
+COMPLETION_FLUSH_SECS = 0.005
 
 
 def _keep_connection_if_clean() -> None:
@@ -80,6 +83,23 @@ def _drop_unusable_connection() -> None:
     with contextlib.suppress(DatabaseError):
         if connection.connection is not None and not connection.is_usable():
             connection.close()
+
+
+def _through_outage(write: Callable[[], T], what: str) -> T:
+    """Write how runs ended, through a database outage (a server restart, a dropped connection)
+    of up to `lease_secs`: a result lost here would make the occurrence run again once its lease
+    expired. Retrying is safe because the writes are fenced: if the first attempt did commit, or
+    another worker took the job over, it changes nothing."""
+    deadline = time.monotonic() + settings.PICOBOT.scheduler.lease_secs
+    while True:
+        try:
+            return write()
+        except DatabaseError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("%s: database error while recording (%s); retrying", what, exc)
+            connection.close()
+            time.sleep(COMPLETION_RETRY_SECS)
 
 
 class Waker:
@@ -122,6 +142,76 @@ def _note(status: str) -> str:
     return ""
 
 
+class Completer:
+    """One thread per worker that records finished runs in batches (`claims.complete_many`).
+
+    A batch is written as soon as every run still going has finished into it, or when the
+    first of it has waited `COMPLETION_FLUSH_SECS`, or at `COMPLETION_BATCH` runs: one
+    transaction then serves several runs. `recorded` is called with each batch once it is
+    written (or could not be: the leases then run out and recovery takes the runs over).
+    """
+
+    def __init__(
+        self, busy: Callable[[], int], recorded: Callable[[list[Finished], list[str]], None]
+    ) -> None:
+        self._busy = busy
+        self._recorded = recorded
+        self._queue: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="completer", daemon=True)
+        self._thread.start()
+
+    def put(self, finished: Finished) -> None:
+        self._queue.put(finished)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=timeout)
+
+    def _serve(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            flush_at = time.monotonic() + COMPLETION_FLUSH_SECS
+            while len(batch) < min(COMPLETION_BATCH, self._busy()):
+                try:
+                    item = self._queue.get(timeout=max(0.0, flush_at - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._write(batch)
+        connection.close()
+
+    def _write(self, batch: list[Finished]) -> None:
+        statuses: list[str] = []
+        ids = [f.claim.execution_id for f in batch]
+        try:
+            statuses = _through_outage(
+                lambda: claims.complete_many([(f.claim, f.outcome) for f in batch]),
+                f"executions {ids}",
+            )
+        except Exception:
+            # Nothing recorded: the leases run out and a worker recovers the occurrences.
+            logger.exception("executions %s could not be completed", ids)
+        finally:
+            _keep_connection_if_clean()
+            self._recorded(batch, statuses)
+
+
+@dataclass
+class Finished:
+    """A run that ended, waiting for the completer to record it."""
+
+    claim: claims.Claim
+    outcome: claims.Outcome
+    started: float
+
+
 class Worker:
     """One scheduler worker process: see the module docstring."""
 
@@ -152,6 +242,7 @@ class Worker:
         self._next_listen = 0.0
         self._queue: queue.SimpleQueue[tuple[claims.Claim, RunControl] | None] = queue.SimpleQueue()
         self._slots: list[threading.Thread] = []
+        self._completer: Completer | None = None
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -160,6 +251,7 @@ class Worker:
         self.install_signal_handlers()
         monitor = threading.Thread(target=self._monitor, name="lease-monitor", daemon=True)
         monitor.start()
+        self._completer = Completer(self.running_count, self._recorded)
         self._listen()
         logger.info(
             "worker %s started: concurrency=%s once=%s", self.worker_id, self.concurrency, self.once
@@ -174,6 +266,7 @@ class Worker:
             self._monitor_stop.set()
             monitor.join(timeout=5)
             self._stop_slots()
+            self._completer.stop()
             self._unlisten()
             connection.close()
         logger.info("worker %s stopped", self.worker_id)
@@ -350,21 +443,23 @@ class Worker:
 
     def _execute(self, claim: claims.Claim, control: RunControl) -> None:
         started = time.monotonic()
+        handed_over = False
         try:
             outcome = executor.execute(
                 claim, control, lambda: claims.holds_claim(claim.job_id, claim.token)
             )
-            recorded = self._record(claim, outcome)
-            logger.info(
-                "%s ended %s in %.1fs%s",
-                self.describe(claim),
-                recorded,
-                time.monotonic() - started,
-                _note(recorded),
-            )
-            metrics.EXECUTION_DURATION.labels(claim.schedule_type).observe(
-                time.monotonic() - started
-            )
+            if outcome.status == S.SUPERSEDED:
+                _through_outage(
+                    lambda: claims.record_superseded(claim, outcome),
+                    f"execution {claim.execution_id}",
+                )
+                self._ended(claim, S.SUPERSEDED, started)
+            else:
+                # The run stays in `running` (its lease renewed) until the completer has
+                # written it.
+                assert self._completer is not None
+                self._completer.put(Finished(claim, outcome, started))
+                handed_over = True
         except Exception:
             # Nothing recorded: the lease runs out and a worker recovers the occurrence.
             logger.exception(
@@ -375,36 +470,32 @@ class Worker:
             )
         finally:
             _keep_connection_if_clean()
-            with self._lock:
-                self.running.pop(claim.execution_id, None)
-                metrics.RUNNING.set(len(self.running))
-            self._waker.wake()
+            if not handed_over:
+                self._forget([claim])
 
-    def _record(self, claim: claims.Claim, outcome: claims.Outcome) -> str:
-        """Write how the run ended (returns the status recorded), through a database outage (a server restart, a dropped
-        connection) of up to `lease_secs`: a result lost here would make the occurrence run
-        again once its lease expired. Retrying is safe because the write is fenced: if the
-        first attempt did commit, or another worker took the job over, it changes nothing."""
-        deadline = time.monotonic() + settings.PICOBOT.scheduler.lease_secs
-        while True:
-            try:
-                if outcome.status == S.SUPERSEDED:
-                    claims.record_superseded(claim, outcome)
-                    return S.SUPERSEDED
-                return claims.complete(claim, outcome)
-            except DatabaseError as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                logger.warning(
-                    "job=%s execution=%s user=%s: database error while recording %s (%s); retrying",
-                    claim.job_id,
-                    claim.execution_id,
-                    claim.owner_id,
-                    outcome.status,
-                    exc,
-                )
-                connection.close()
-                time.sleep(COMPLETION_RETRY_SECS)
+    def _recorded(self, batch: list[Finished], statuses: list[str]) -> None:
+        """The completer wrote `batch` (or gave up on it: no statuses): the runs leave
+        `running`."""
+        for finished, recorded in zip(batch, statuses, strict=False):
+            self._ended(finished.claim, recorded, finished.started)
+        self._forget([finished.claim for finished in batch])
+
+    def _ended(self, claim: claims.Claim, recorded: str, started: float) -> None:
+        logger.info(
+            "%s ended %s in %.1fs%s",
+            self.describe(claim),
+            recorded,
+            time.monotonic() - started,
+            _note(recorded),
+        )
+        metrics.EXECUTION_DURATION.labels(claim.schedule_type).observe(time.monotonic() - started)
+
+    def _forget(self, done: list[claims.Claim]) -> None:
+        with self._lock:
+            for claim in done:
+                self.running.pop(claim.execution_id, None)
+            metrics.RUNNING.set(len(self.running))
+        self._waker.wake()
 
     # --- the monitor thread --------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import uuid4
 
 import pytest
 
@@ -362,6 +363,38 @@ def test_a_lost_attempt_later_superseded_still_counts_against_max_retries(make_j
     assert job.next_run_at == first.scheduled_for + timedelta(seconds=3600)
     statuses = list(Execution.objects.filter(job=job).order_by("attempt").values_list("status"))
     assert statuses == [(S.SUPERSEDED,), (S.FAILED,)]
+
+
+def test_a_batch_of_completions_records_each_and_changes_nothing_for_a_lost_claim(
+    make_job, make_user
+):
+    jobs = [make_job(owner=make_user()) for _ in range(4)]
+    batch = {c.job_id: c for c in claim(worker="slow")}
+    kept, taken, recovered, failed = (batch[job.pk] for job in jobs)
+    # One job changed hands (another worker holds it now); one execution was already finalised.
+    Job.objects.filter(pk=taken.job_id).update(claim_token=uuid4())
+    Execution.objects.filter(pk=recovered.execution_id).update(status=S.LOST)
+    before = Job.objects.filter(pk=taken.job_id).values().get()
+    statuses = claims.complete_many(
+        [
+            (kept, Outcome(S.SUCCEEDED, output="one")),
+            (taken, Outcome(S.SUCCEEDED, output="two")),
+            (recovered, Outcome(S.SUCCEEDED, output="three")),
+            (failed, Outcome(S.FAILED, error="boom")),
+        ]
+    )
+    assert statuses == [S.SUCCEEDED, S.SUPERSEDED, S.SUPERSEDED, S.FAILED]
+    assert Job.objects.filter(pk=taken.job_id).values().get() == before
+    rows = Execution.objects.in_bulk([c.execution_id for c in batch.values()])
+    assert (rows[kept.execution_id].status, rows[kept.execution_id].output) == (S.SUCCEEDED, "one")
+    assert rows[taken.execution_id].status == S.SUPERSEDED
+    assert rows[recovered.execution_id].status == S.SUPERSEDED
+    assert (rows[failed.execution_id].status, rows[failed.execution_id].error) == (S.FAILED, "boom")
+    kept_job, failed_job = Job.objects.get(pk=kept.job_id), Job.objects.get(pk=failed.job_id)
+    assert kept_job.claim_token is None and kept_job.last_run_at == kept.started_at
+    assert failed_job.claim_token is None and failed_job.pending_attempt == 2
+    # The job whose execution was already final stays held: recovery releases it, not us.
+    assert Job.objects.get(pk=recovered.job_id).claim_token == recovered.token
 
 
 def test_a_renewal_fails_once_the_claim_is_lost(make_job):

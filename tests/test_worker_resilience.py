@@ -84,7 +84,7 @@ def test_a_result_met_by_a_database_error_is_recorded_once_the_database_answers(
     picobot_config("scheduler", tick_secs=0.05, lease_secs=30)
     model_server.reply_always("done")
     job = due_job(make_user())
-    real_complete = claims.complete
+    real_complete = claims.complete_many
     failures = {"left": 2}
 
     def flaky_complete(*args, **kwargs):
@@ -93,7 +93,7 @@ def test_a_result_met_by_a_database_error_is_recorded_once_the_database_answers(
             raise OperationalError("server closed the connection unexpectedly")
         return real_complete(*args, **kwargs)
 
-    monkeypatch.setattr(claims, "complete", flaky_complete)
+    monkeypatch.setattr(claims, "complete_many", flaky_complete)
     assert Worker(worker_id="steady", concurrency=1, once=True).run() == 0
     assert failures["left"] == 0
     assert list(Execution.objects.filter(job=job).values_list("status", "attempt")) == [
