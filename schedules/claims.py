@@ -902,12 +902,14 @@ def write_completion_notifications(
 ) -> None:
     """Write the notification rows of one completion, inside its fenced transaction.
 
-    Called by `finish` after the execution and job rows are written and before the transaction
-    commits, so a message exists exactly when the completion does (`job` is the row as read at
+    Called by `move_on` after the execution and job rows are written and before the transaction
+    commits, so a message exists exactly when the completion does: once per completed execution,
+    also when `complete_many` completes several in one transaction (`job` is the row as read at
     the start of the completion). `retrying` says a failed attempt will be retried: only the
-    occurrence's final attempt reports a failure; `now` is the completion's database time. Result messages follow the job's notify
-    settings, NOTHING_TO_REPORT sends nothing, and the owner is told when `disabled_reason`
-    disables the job. Delivery is queued when the transaction commits.
+    occurrence's final attempt reports a failure; `now` is the completion's database time.
+    Result messages follow the job's notify settings, NOTHING_TO_REPORT sends nothing, and the
+    owner is told when `disabled_reason` disables the job. Delivery is queued when the
+    transaction commits.
     """
     from notifications.writing import write_completion_rows
 

@@ -4,9 +4,11 @@
   sleeps until the next due time (at most `tick_secs`); the sleep is a self-pipe `select`, woken
   by a signal, by a finishing execution, or by a PostgreSQL NOTIFY on `picobot_schedules`.
 - Each claimed execution runs on an execution slot (a daemon thread, at most `concurrency`)
-  through `executor.execute`, then `claims.complete` writes the result in one fenced
-  transaction. Slots outlive their runs, so a run reuses the slot's database connection
-  instead of opening one.
+  through `executor.execute`, then hands its outcome to the completer thread, which writes
+  finished runs in batches (`claims.complete_many`: one fenced transaction for every run that
+  finished within a few milliseconds of the first). Slots outlive their runs, so a run reuses
+  the slot's database connection instead of opening one. A claim waits a few milliseconds for
+  more free slots when only a few are free, so one claim transaction serves several runs.
 - The monitor thread, every half second, reads cancellation requests for this worker's running
   executions (one primary-key read), enforces deadlines (cancelling the RunControl kills shell
   subprocesses), and every third of `lease_secs` renews the leases; a renewal that finds the
