@@ -1,8 +1,8 @@
 """One benchmark scenario in its own process (Django configured for one database).
 
     python -m bench.scenario DATABASE_URL WORKERS
-prints one JSON line: claims per second over a burst of due jobs, the lag from due to start
-(p50/p99) for jobs that come due over time, and the queries per second of an idle worker.
+prints one JSON line: the lag from due to start (p50/p99) for jobs that come due over time,
+and the queries per second of an idle worker. Throughput is `bench.throughput`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS = 20
-BURST_JOBS = 600
 STEADY_JOBS = 150
 STEADY_SPREAD_SECS = 15.0
 # The steady jobs come due this long after the workers start, so the lag measures a running
@@ -134,13 +133,6 @@ def main() -> None:
             "PICOBOT_MODEL": "bench-model",
             "PICOBOT_LOG_LEVEL": "WARNING",
         }
-        # Burst: everything due at once; how fast do the workers claim it?
-        users = reset()
-        add_jobs(users, BURST_JOBS, db_now() - timedelta(seconds=1), 0)
-        run_workers(env, workers, BURST_JOBS, 600)
-        starts = sorted(Execution.objects.values_list("started_at", flat=True))
-        span = (starts[-1] - starts[0]).total_seconds()
-        claims_per_sec = (len(starts) - 1) / span if span > 0 else float("nan")
         # Steady: jobs come due over time; how late does each start?
         users = reset()
         first_due = db_now() + timedelta(seconds=STARTUP_SECS)
@@ -168,8 +160,6 @@ def main() -> None:
         json.dumps(
             {
                 "workers": workers,
-                "burst_jobs": BURST_JOBS,
-                "claims_per_sec": round(claims_per_sec, 1),
                 "steady_jobs": len(lags),
                 "lag_p50_ms": round(statistics.median(lags) * 1000),
                 "lag_p99_ms": round(percentile(lags, 0.99) * 1000),
