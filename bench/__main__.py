@@ -6,6 +6,7 @@ $PICOBOT_BENCH_POSTGRES). Throughput runs are interleaved (floor, worker without
 with the scripted model; 1 and 4 processes; both databases) and repeated BENCH_REPEATS times
 (default 3); the medians are written to docs/benchmarks.md with each as a ratio to the floor.
 BENCH_BIG=1 adds the 1M-job points of the lock-hold and list series (several minutes more).
+Also permission checks with hostile patterns (`bench.permissions`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import dashboard
+from bench import dashboard, permissions
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES_HEADING = "## Notes"
@@ -187,6 +188,7 @@ def document(
         "| --- | ---: | ---: | ---: |",
         *rest["notify"],
     ]
+    lines += permissions.section()
     lines += console
     doc = ROOT / "docs" / "benchmarks.md"
     # Everything from the notes heading on is written by hand (history, analysis): kept.
