@@ -189,7 +189,7 @@ def test_an_occurrence_a_clock_change_brought_closer_than_the_minimum_is_recorde
     held = Job.objects.select_related("owner").get(pk=job.pk)
     now = close + timedelta(seconds=1)
     with transaction.atomic():
-        started = claims._start(held, "w", now, now + timedelta(seconds=60))
+        started = claims._start(held, now)
     assert started is None
     [skipped] = Execution.objects.filter(job=job)
     assert (skipped.status, skipped.scheduled_for) == (S.SKIPPED, close)
@@ -202,7 +202,7 @@ def test_an_occurrence_a_clock_change_brought_closer_than_the_minimum_is_recorde
     Job.objects.filter(pk=job.pk).update(next_run_at=earlier, claim_token=token)
     held = Job.objects.select_related("owner").get(pk=job.pk)
     with transaction.atomic():
-        claim = claims._start(held, "w", earlier, earlier + timedelta(seconds=60))
+        claim = claims._start(held, earlier)
     assert claim is not None and claim.scheduled_for == earlier
 
 
