@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('schedules', '0002_job_owner_live_idx'),
+        ('schedules', '0003_workers'),
     ]
 
     operations = [
