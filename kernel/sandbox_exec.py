@@ -8,7 +8,8 @@ has only a downed loopback; abstract Unix sockets and System V IPC are per names
 the program as PID 1 of the new PID namespace (when the launcher dies, the program and every
 process it started die with the namespace), and in that child applies a Landlock ruleset
 (allow-list: the spec's read, write and device paths; every other file access, TCP bind and
-connect and signals outside the sandbox are denied) with PR_SET_NO_NEW_PRIVS before execve.
+connect and signals outside the sandbox are denied) with PR_SET_NO_NEW_PRIVS, and a seccomp
+filter that refuses Unix sockets and io_uring, before execve.
 
 A setup failure exits with SETUP_FAILED after printing one line starting with SETUP_PREFIX.
 """
@@ -79,6 +80,71 @@ RIGHTS = {
     | FS_TRUNCATE,
     "device": FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE,
 }
+
+# seccomp (linux/seccomp.h, linux/filter.h, linux/audit.h).
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+BPF_LD_W_ABS = 0x20
+BPF_JEQ_K = 0x15
+BPF_JGE_K = 0x35
+BPF_RET_K = 0x06
+AF_UNIX = 1
+# (audit arch, socket, io_uring_setup) per machine.
+SYSCALLS = {"x86_64": (0xC000003E, 41, 425), "aarch64": (0xC00000B7, 198, 425)}
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
+    """A filter refusing Unix sockets (a socket file in a granted tree would otherwise be a way
+    out: Landlock does not check connecting to one) and io_uring (which would bypass it)."""
+    arch, socket_nr, io_uring_setup_nr = SYSCALLS[machine]
+    errno_eacces = SECCOMP_RET_ERRNO | 13
+    errno_enosys = SECCOMP_RET_ERRNO | 38
+    return [
+        (BPF_LD_W_ABS, 0, 0, 4),  # 0: arch
+        (BPF_JEQ_K, 0, 10, arch),  # 1: another ABI (i386 on x86_64): kill
+        (BPF_LD_W_ABS, 0, 0, 0),  # 2: syscall number
+        (BPF_JGE_K, 8, 0, 0x40000000),  # 3: x32 numbers: kill
+        (BPF_JEQ_K, 2, 0, socket_nr),  # 4: socket(): look at the family
+        (BPF_JEQ_K, 5, 0, io_uring_setup_nr),  # 5: io_uring_setup(): ENOSYS
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),  # 6
+        (BPF_LD_W_ABS, 0, 0, 16),  # 7: args[0], the family (low 32 bits)
+        (BPF_JEQ_K, 1, 0, AF_UNIX),  # 8
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),  # 9
+        (BPF_RET_K, 0, 0, errno_eacces),  # 10
+        (BPF_RET_K, 0, 0, errno_enosys),  # 11
+        (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),  # 12
+    ]
+
+
+def install_seccomp() -> None:
+    """Install the filter (after PR_SET_NO_NEW_PRIVS); an unknown machine cannot be filtered."""
+    machine = os.uname().machine
+    if machine not in SYSCALLS:
+        raise SetupError(f"no seccomp filter for this machine ({machine})")
+    program = seccomp_program(machine)
+    filters = (_SockFilter * len(program))(*(_SockFilter(*row) for row in program))
+    prog = _SockFprog(len(program), filters)
+    _check(
+        _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0),
+        "prctl(PR_SET_SECCOMP)",
+    )
+
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -229,6 +295,7 @@ def _run_confined(spec: dict[str, Any], program: list[str]) -> int:
                 os._exit(SETUP_FAILED)
             os.close(alive_read)
             restrict(spec)
+            install_seccomp()
             _exec(program)
         except (SetupError, OSError) as exc:
             _fail(exc)

@@ -192,6 +192,33 @@ def test_an_interpreter_cannot_read_write_or_reach_the_network(make_user, world)
     assert "ok hello from the grant" in content
 
 
+UNIX_PROBE = """
+import socket, sys
+try:
+    client = socket.socket(socket.AF_UNIX); client.connect(sys.argv[1]); print("CONNECTED")
+except OSError as e: print("refused", e.errno)
+"""
+
+
+@pytest.mark.skipif(PYTHON is None, reason="python3 is not installed on the safe PATH")
+def test_a_unix_socket_file_inside_a_granted_tree_cannot_be_reached(make_user, world) -> None:
+    # Landlock does not check connecting to a socket file, so a `filesystem:read:/**` grant
+    # would otherwise reach every local service listening on one (a database, dbus, docker).
+    path = str(world / "data" / "service.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+    server.settimeout(0.2)
+    grants = ["shell:python3", "filesystem:read:/**", f"filesystem:write:{world}/data/**"]
+    try:
+        content = output_of(run(make_user(), grants, "python3", "-c", UNIX_PROBE, path))
+        with pytest.raises(TimeoutError):
+            server.accept()
+    finally:
+        server.close()
+    assert "CONNECTED" not in content and "refused 13" in content
+
+
 def test_writes_reach_only_the_scratch_and_write_trees(make_user, world) -> None:
     grants = ["shell:cp", f"filesystem:read:{world}/data/**", f"filesystem:write:{world}/out/**"]
     source = f"{world}/data/notes.txt"
@@ -234,6 +261,7 @@ def test_the_shell_refuses_where_the_kernel_cannot_confine(
     make_user, monkeypatch, picobot_config, tmp_path
 ) -> None:
     monkeypatch.setattr(sandbox, "unavailable_reason", lambda: "this kernel has no Landlock")
+    picobot_config("kernel", allow_unconfined_shell=False)
     marker = tmp_path / "ran"
     result = run(make_user(), ["shell:touch"], "touch", str(marker))
     assert result.decision == "error"
