@@ -63,12 +63,34 @@ def launcher_command(spec: dict[str, Any], argv: list[str]) -> list[str]:
 # --- can this kernel confine? -------------------------------------------------------------------
 
 
-@cache
-def unavailable_reason() -> str | None:
-    """None when the sandbox works here; otherwise why not (probed once per process)."""
-    abi = sandbox_exec.landlock_abi()
-    if abi < 1:
+def kernel_reason() -> str | None:
+    """Why this kernel cannot confine, from its settings alone (no process started), or None.
+
+    Cheap enough for a system check that runs at every command's start-up; the shell tool
+    itself relies on `unavailable_reason`, which also runs the launcher once."""
+    if sandbox_exec.landlock_abi() < 1:
         return "this kernel has no Landlock (Linux 5.13 or later with Landlock enabled is needed)"
+    for path, refused in (
+        ("/proc/sys/kernel/unprivileged_userns_clone", "0"),
+        ("/proc/sys/user/max_user_namespaces", "0"),
+        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1"),
+    ):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value == refused:
+            return f"unprivileged user namespaces are disabled ({path} is {value})"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """None when the sandbox works here; otherwise why not (the launcher is probed once)."""
+    return kernel_reason() or _probe_reason()
+
+
+@cache
+def _probe_reason() -> str | None:
     spec = {"parent": os.getpid(), "confine": True, "exec": list(_system_exec_dirs([]))}
     try:
         probe = subprocess.run(

@@ -43,7 +43,9 @@ def check_public_url(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
 def check_shell_sandbox(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
     from kernel import sandbox
 
-    reason = sandbox.unavailable_reason()
+    # The kernel's settings only: this runs at every command's start-up, where starting a
+    # process would slow (and widen the signal window of) every worker start.
+    reason = sandbox.kernel_reason()
     if reason is None:
         return []
     if settings.PICOBOT.kernel.allow_unconfined_shell:

@@ -261,6 +261,7 @@ def test_the_shell_refuses_where_the_kernel_cannot_confine(
     make_user, monkeypatch, picobot_config, tmp_path
 ) -> None:
     monkeypatch.setattr(sandbox, "unavailable_reason", lambda: "this kernel has no Landlock")
+    monkeypatch.setattr(sandbox, "kernel_reason", lambda: "this kernel has no Landlock")
     picobot_config("kernel", allow_unconfined_shell=False)
     marker = tmp_path / "ran"
     result = run(make_user(), ["shell:touch"], "touch", str(marker))
