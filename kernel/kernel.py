@@ -93,9 +93,23 @@ _SECRET_KEY_NAME = re.compile(
     r"credential|private[_-]?key|access[_-]?key|session[_-]?id|signature)",
     re.IGNORECASE,
 )
+_CONFIDENTIAL_WORDS = (
+    r"pass(?:word|wd|phrase)?|pwd|secret|token|api[_-]?key|apikey|auth|credentials?|"
+    r"private[_-]?key|access[_-]?key|key"
+)
 _SECRET_PATTERNS = [
     # user:password@ in URLs
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@"), r"\1[redacted]@"),
+    # user:password@host without a scheme
+    (re.compile(r"(?i)(?<![\w/:@])([\w.+-]+):[^\s:/@]+@(?=[\w.-])"), r"\1:[redacted]@"),
+    # Authorization-like headers: the whole value, up to the end of the line or a quote
+    (
+        re.compile(
+            r"(?i)\b((?:proxy-)?authorization|(?:set-)?cookie|x-[a-z-]*(?:key|token|secret|auth)"
+            r"[a-z-]*)(\s*:\s*)[^\r\n\"']+"
+        ),
+        r"\1\2[redacted]",
+    ),
     # key=value and key: value pairs (query strings, flags, headers)
     (
         re.compile(
@@ -105,9 +119,20 @@ _SECRET_PATTERNS = [
         ),
         r"\1[redacted]",
     ),
+    # a secret-named flag followed by its value: `--password hunter2`
+    (
+        re.compile(
+            rf"(?i)((?<!\S)--?(?:[a-z0-9]+[-_])*(?:{_CONFIDENTIAL_WORDS})[ \t]+)([^\s\"']+)"
+        ),
+        r"\1[redacted]",
+    ),
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 [redacted]"),
     (re.compile(r"\b(pbk_|sk-|ghp_|xox[bp]-|AKIA)[A-Za-z0-9_-]{6,}"), r"[redacted]"),
 ]
+# In an argument list, the element after one of these flags is a secret (`--password hunter2`).
+_SECRET_FLAG = re.compile(rf"(?i)--?(?:[a-z0-9]+[-_])*(?:{_CONFIDENTIAL_WORDS})")
+# ... and after one of these, the part after the colon (`-u admin:s3cret`, curl and wget).
+_USER_FLAG = re.compile(r"-u|--user|--proxy-user|--http-user")
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -139,12 +164,26 @@ def redact(value: Any, _depth: int = 0) -> Any:
             for key, item in list(value.items())[:100]
         }
     if isinstance(value, list | tuple):
-        return [redact(item, _depth + 1) for item in list(value)[:100]]
+        return _redact_list(list(value)[:100], _depth)
     if isinstance(value, str):
         return redact_text(value)
     if value is None or isinstance(value, bool | int | float):
         return value
     return redact_text(repr(value))
+
+
+def _redact_list(items: list[Any], depth: int) -> list[Any]:
+    redacted: list[Any] = []
+    previous: Any = None
+    for item in items:
+        if isinstance(previous, str) and isinstance(item, str):
+            if _SECRET_FLAG.fullmatch(previous):
+                item = "[redacted]"
+            elif _USER_FLAG.fullmatch(previous) and ":" in item:
+                item = item.split(":", 1)[0] + ":[redacted]"
+        redacted.append(redact(item, depth + 1))
+        previous = item
+    return redacted
 
 
 # --- nesting depth --------------------------------------------------------------------------------
@@ -284,12 +323,13 @@ class Kernel:
         try:
             output = tool.run(args, call_context)
         except ToolPermissionDenied as exc:
-            return _denied(tool.name, [exc.missing], detail=str(exc))
+            # What a later step needed (a redirect's host) comes from remote content.
+            return _denied(tool.name, [exc.missing], detail=str(exc), untrusted=True)
         except RunStopped:
             parent.check()  # the run itself must stop: let that through
             return _error(tool.name, f"the tool timed out after {tool.timeout_secs:g} s")
         except ToolError as exc:
-            return _error(tool.name, str(exc))
+            return _error(tool.name, str(exc), untrusted=True)
         except Exception as exc:
             logger.exception("tool %s failed", tool.name)
             return _error(tool.name, f"the tool failed unexpectedly ({type(exc).__name__})")
@@ -402,8 +442,13 @@ def _invalid(tool: str, message: str) -> ToolResult:
     return ToolResult(tool, ToolDecision.INVALID, f"error: {message}", error=message)
 
 
-def _error(tool: str, message: str) -> ToolResult:
-    return ToolResult(tool, ToolDecision.ERROR, f"error: {message}", error=message)
+def _error(tool: str, message: str, *, untrusted: bool = False) -> ToolResult:
+    """An error result. `untrusted`: the message was raised while the tool ran, so it may carry
+    remote or tool content (a server's text, a redirect's Location): it goes in the block."""
+    if not untrusted:
+        return ToolResult(tool, ToolDecision.ERROR, f"error: {message}", error=message)
+    content = f"error: the tool failed; its message follows.\n{wrap_untrusted(tool, message)}"
+    return ToolResult(tool, ToolDecision.ERROR, content, error=message)
 
 
 def denial_message(missing: list[Permission], context: ToolContext) -> str:
@@ -417,11 +462,18 @@ def denial_message(missing: list[Permission], context: ToolContext) -> str:
     return f"permission denied: this call needs {names}, which {holder} was not given"
 
 
-def _denied(tool: str, missing: list[Permission], detail: str = "") -> ToolResult:
+def _denied(
+    tool: str, missing: list[Permission], detail: str = "", *, untrusted: bool = False
+) -> ToolResult:
     names = ", ".join(str(p) for p in missing)
     message = detail or f"permission denied: this call needs {names}, which this run was not given"
     if "permission denied" not in message:
         message = f"permission denied: {message}"
+    if untrusted:
+        message = (
+            "permission denied: a step of this call needs a permission this run does not have; "
+            f"the details follow.\n{wrap_untrusted(tool, message)}"
+        )
     return ToolResult(tool, ToolDecision.DENIED, message, missing_permission=names, error="")
 
 
