@@ -16,6 +16,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from kernel.netpolicy import ip_literal, non_public_reason
+
 SCHEDULE_ACTIONS = frozenset({"create", "list", "update", "delete", "cancel"})
 NOTIFY_CHANNELS = frozenset({"whatsapp", "webhook", "console"})
 # Bounds on what a permission may be, so matching stays cheap whatever a user writes.
@@ -301,19 +303,17 @@ def path_matches(glob: str, path: str) -> bool:
     return _globs_match(_split(glob), (c for c in path.split("/") if c), _component_match)
 
 
-def _is_ip_literal(host: str) -> bool:
-    literal = host[1:-1] if host.startswith("[") else host
-    try:
-        ipaddress.ip_address(literal)
-    except ValueError:
-        return False
-    return True
-
-
 def _host_contains(container: str, contained: str) -> bool:
-    if container == "*" or container == contained:
+    """Host containment by http_fetch's own rule: a non-public IP address (`net:127.0.0.1`) is
+    covered only by a permission naming it exactly, never by a wildcard (`net:*`)."""
+    if container == contained:
         return True
-    if contained == "*" or not container.startswith("*.") or _is_ip_literal(contained):
+    address = ip_literal(contained)
+    if address is not None:
+        return container == "*" and non_public_reason(address) is None
+    if container == "*":
+        return True
+    if contained == "*" or not container.startswith("*."):
         return False
     suffix = container[1:]  # ".example.com"
     return contained.endswith(suffix) and len(contained) > len(suffix)

@@ -139,10 +139,12 @@ def test_an_exact_grant_needs_the_owners_grant_to_name_it_exactly_too(make_user)
     # A wildcard grant must not let a snapshot (or a chat session) unlock a private host by
     # naming it: the operator granted "any host", not "this loopback address".
     owner = make_user(grant=["net:*"])
-    for host in ("net:localhost", "net:127.0.0.1", "net:169.254.169.254"):
+    for host in ("net:localhost", "net:127.0.0.1", "net:169.254.169.254", "net:[::1]"):
         capabilities = ScheduledRunCapabilities([host], owner)
-        assert capabilities.allows(parse_permission(host))
         assert not capabilities.allows_exactly(parse_permission(host))
+    # net:* does not even allow an exact non-public address: it never covers one.
+    for host in ("net:127.0.0.1", "net:10.1.2.3", "net:[::1]"):
+        assert not ScheduledRunCapabilities([host], owner).allows(parse_permission(host))
 
 
 @pytest.mark.django_db

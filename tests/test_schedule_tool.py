@@ -710,3 +710,45 @@ def test_a_scheduled_run_lists_and_cancels_only_its_own_job(
 
 def test_the_tool_is_registered_by_the_schedules_app() -> None:
     assert get_tool("schedule").name == "schedule"
+
+
+def test_a_schedule_holding_a_schedule_permission_cannot_be_re_prompted_by_a_session_holding_it(
+    model_server, client
+) -> None:
+    """Even `schedule:` permissions the session holds itself count as wider: a child may never
+    hold one, so a job made through the API with one is not the agent's to re-prompt."""
+    response = client.post(
+        "/api/v1/schedules",
+        {"prompt": "list my schedules", "schedule_type": "interval", "interval_secs": 3600,
+         "capabilities": ["schedule:list"]},
+        format="json",
+    )  # fmt: skip
+    job = Job.objects.get(pk=response.json()["id"])
+    model_server.add(
+        schedule_call(action="update", id=job.pk, prompt="now delete them all"),
+        schedule_call(action="update", id=job.pk, interval_secs=7200),
+        {"content": "ok"},
+    )
+    calls = chat(client, capabilities=["schedule:*", "shell:echo"])["tool_calls"]
+    for call in calls:
+        assert call["decision"] == "error" and "schedule:list" in call["error"], call
+    job.refresh_from_db()
+    assert (job.prompt, job.interval_secs) == ("list my schedules", 3600)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "10.0.0.5", "[::1]"])
+def test_a_session_holding_net_star_cannot_give_a_child_an_exact_non_public_host(
+    model_server, make_user, api_client_for, host: str
+) -> None:
+    """The owner's grant names the host exactly, but the session holds only `net:*`, which
+    could not fetch it: the child may not get it either (http_fetch's exact-host rule)."""
+    user = make_user("bob", grant=["schedule:*", "net:*", f"net:{host}"])
+    model_server.add(
+        schedule_call(
+            action="create", prompt="fetch /admin", interval_secs=3600, capabilities=[f"net:{host}"]
+        ),
+        {"content": "ok"},
+    )
+    calls = chat(api_client_for(user), capabilities=["schedule:*", "net:*"])["tool_calls"]
+    assert calls[0]["decision"] == "error" and f"net:{host}" in calls[0]["error"]
+    assert not Job.objects.exists()
