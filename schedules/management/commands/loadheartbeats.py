@@ -22,14 +22,23 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        try:
-            plan = load(dry_run=options["dry_run"])
-        except HeartbeatsInvalid as exc:
-            raise CommandError(
-                "[heartbeats] was not loaded (nothing changed):\n  " + "\n  ".join(exc.problems)
-            ) from None
-        prefix = "heartbeats (dry run): " if options["dry_run"] else "heartbeats: "
-        for line in plan.lines():
-            self.stdout.write(prefix + line)
-        if not plan.steps:
-            self.stdout.write(prefix + "none configured")
+        load_and_report(self.stdout, dry_run=options["dry_run"], say_when_empty=True)
+
+
+def load_and_report(stdout: Any, *, dry_run: bool = False, say_when_empty: bool = False) -> None:
+    """Load [heartbeats] (or plan it, with dry_run) and write one line per heartbeat to stdout.
+
+    `runworker` calls this at start with say_when_empty off, so a worker without heartbeats
+    prints nothing about them.
+    """
+    try:
+        plan = load(dry_run=dry_run)
+    except HeartbeatsInvalid as exc:
+        raise CommandError(
+            "[heartbeats] was not loaded (nothing changed):\n  " + "\n  ".join(exc.problems)
+        ) from None
+    prefix = "heartbeats (dry run): " if dry_run else "heartbeats: "
+    for line in plan.lines():
+        stdout.write(prefix + line)
+    if not plan.steps and say_when_empty:
+        stdout.write(prefix + "none configured")

@@ -9,9 +9,9 @@ from collections import Counter
 from typing import Any
 
 from django.conf import settings
-from django.core.management import call_command, get_commands
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from schedules.management.commands.loadheartbeats import load_and_report
 from schedules.models import Execution, ExecutionStatus
 from schedules.worker import Worker
 
@@ -62,8 +62,7 @@ class Command(BaseCommand):
             raise CommandError("--grace-secs must be 0 or more")
         # Operators (and tests) can see what every thread is doing: kill -USR1 <pid>.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-        if "loadheartbeats" in get_commands():
-            call_command("loadheartbeats", stdout=self.stdout)
+        load_and_report(self.stdout)
         if options["metrics_port"] is not None:
             from prometheus_client import start_http_server
 
