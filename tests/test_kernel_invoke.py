@@ -134,12 +134,16 @@ def test_a_slow_tool_times_out_without_stopping_the_run(make_user) -> None:
     control.check()  # the run itself goes on
 
 
-def test_the_runs_deadline_bounds_the_tool_and_stops_the_run(make_user) -> None:
+def test_the_runs_deadline_bounds_the_tool_and_stops_the_run(make_user, monkeypatch) -> None:
+    # The tool's own limit is far later than the run's deadline: the tool must stop at the run's.
+    monkeypatch.setattr(EchoTool, "timeout_secs", 60)
     control = RunControl.with_timeout(0.2)
+    started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
         kernel.invoke(
             "test_echo", {"text": "slow"}, context_for(make_user(), ["notify:*"], control=control)
         )
+    assert time.monotonic() - started < 30  # the run's 0.2 s, not the tool's 60 s
     row = ToolCall.objects.get()
     assert (row.decision, row.error) == ("error", "stopped: the run's deadline passed")
 

@@ -1,0 +1,113 @@
+"""Each fence of completion, tried alone with a stale claim token; and the worker's deadline
+monitor, the backstop for a run that does not stop by itself."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import transaction
+
+from kernel.context import RunControl
+from kernel.models import User
+from schedules import claims, executor
+from schedules.claims import ClaimLost, Outcome
+from schedules.dbtime import db_now
+from schedules.models import Execution, ExecutionStatus, Job
+from schedules.worker import Running, Worker
+
+S = ExecutionStatus
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def claimed(make_user: Callable[..., User]) -> tuple[Job, claims.Claim]:
+    job = Job.objects.create(
+        owner=make_user(),
+        name="job",
+        prompt="say hi",
+        schedule_type="interval",
+        interval_secs=3600,
+        next_run_at=db_now() - timedelta(seconds=1),
+    )
+    [claim] = claims.claim_due("w1", 1).claims
+    job.refresh_from_db()
+    return job, claim
+
+
+def _job_fields(job_id: int) -> dict[str, Any]:
+    return Job.objects.filter(pk=job_id).values().get()
+
+
+def _execution_fields(execution_id: int) -> dict[str, Any]:
+    return Execution.objects.filter(pk=execution_id).values().get()
+
+
+def test_the_job_lock_finds_nothing_for_a_stale_token(claimed) -> None:
+    job, claim = claimed
+    with transaction.atomic():
+        assert claims._lock_held_job(job.pk, uuid.uuid4()) is None
+        assert claims._lock_held_job(job.pk, claim.token) is not None
+
+
+def test_the_execution_update_is_fenced_on_the_token(claimed) -> None:
+    job, claim = claimed
+    # The job is now held with another token, and the holder of that token tries to finish an
+    # execution row that carries the old one: only the execution fence can stop it.
+    other = uuid.uuid4()
+    Job.objects.filter(pk=job.pk).update(claim_token=other)
+    before_job, before_execution = _job_fields(job.pk), _execution_fields(claim.execution_id)
+    with pytest.raises(ClaimLost), transaction.atomic():
+        claims.finish(job, claims._execution_of(claim), other, Outcome(S.SUCCEEDED), db_now())
+    assert _execution_fields(claim.execution_id) == before_execution
+    assert _job_fields(job.pk) == before_job
+
+
+def test_the_job_update_is_fenced_on_the_token(claimed) -> None:
+    job, claim = claimed
+    # Another worker took the job over; this execution row still carries the old token.
+    taken_over = uuid.uuid4()
+    Job.objects.filter(pk=job.pk).update(claim_token=taken_over)
+    before_job, before_execution = _job_fields(job.pk), _execution_fields(claim.execution_id)
+    with pytest.raises(ClaimLost), transaction.atomic():
+        claims.finish(job, claims._execution_of(claim), claim.token, Outcome(S.SUCCEEDED), db_now())
+    assert _job_fields(job.pk) == before_job
+    assert _execution_fields(claim.execution_id) == before_execution  # rolled back with it
+    assert before_job["claim_token"] == taken_over
+
+
+def test_completing_with_a_stale_token_changes_nothing_and_reports_the_claim_lost(claimed) -> None:
+    job, claim = claimed
+    Job.objects.filter(pk=job.pk).update(claim_token=uuid.uuid4())
+    before_job = _job_fields(job.pk)
+    assert claims.complete(claim, Outcome(S.SUCCEEDED, output="late")) == S.SUPERSEDED
+    assert _job_fields(job.pk) == before_job
+    assert Execution.objects.get(pk=claim.execution_id).status == S.SUPERSEDED
+
+
+def _watched(worker: Worker, claim: claims.Claim, deadline: float | None) -> RunControl:
+    control = RunControl(deadline)
+    worker.running[claim.execution_id] = Running(claim, control, time.monotonic())
+    return control
+
+
+def test_the_monitor_cancels_a_run_past_its_deadline_with_the_timeout_reason(claimed) -> None:
+    _, claim = claimed
+    worker = Worker(worker_id="monitor-test")
+    control = _watched(worker, claim, time.monotonic() - 0.01)
+    assert worker.handle_one_watch()
+    assert control.cancelled and control.reason == executor.DEADLINE
+    outcome = executor._stopped(claim, control, control.reason or "")
+    assert outcome.status == S.TIMED_OUT
+
+
+def test_the_monitor_leaves_a_run_within_its_deadline_alone(claimed) -> None:
+    _, claim = claimed
+    worker = Worker(worker_id="monitor-test")
+    control = _watched(worker, claim, time.monotonic() + 60)
+    assert not worker.handle_one_watch()
+    assert not control.cancelled
