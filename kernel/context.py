@@ -53,6 +53,7 @@ class RunControl:
         self._reason: str | None = None
         self._processes: set[subprocess.Popen[Any]] = set()
         self._children: list[RunControl] = []
+        self._interrupts: set[Callable[[], None]] = set()
 
     @classmethod
     def with_timeout(cls, timeout_secs: float | None) -> RunControl:
@@ -88,9 +89,12 @@ class RunControl:
                 self._reason = reason
             processes = list(self._processes)
             children = list(self._children)
+            interrupts = list(self._interrupts)
         self._event.set()
         for process in processes:
             kill_process_group(process)
+        for interrupt in interrupts:
+            _call_quietly(interrupt)
         for child in children:
             child.cancel(reason)
 
@@ -127,6 +131,31 @@ class RunControl:
         """Sleep up to `timeout_secs` (bounded by the deadline); True if cancelled meanwhile."""
         return self._event.wait(max(0.0, self.bounded(timeout_secs)))
 
+    # --- blocking waits ------------------------------------------------------------------
+
+    @contextmanager
+    def interrupting(self, interrupt: Callable[[], None]) -> Iterator[None]:
+        """Call `interrupt` (from another thread) if the run is cancelled or its deadline passes
+        while the block runs: e.g. shut a socket down so a blocked read returns at once, however
+        slowly the other end trickles bytes. The block then calls `check()` to learn why."""
+        with self._lock:
+            already = self._reason is not None
+            self._interrupts.add(interrupt)
+        timer = None
+        if already:
+            _call_quietly(interrupt)
+        elif self.deadline is not None:
+            timer = threading.Timer(self.remaining() or 0.0, _call_quietly, args=(interrupt,))
+            timer.daemon = True
+            timer.start()
+        try:
+            yield
+        finally:
+            if timer is not None:
+                timer.cancel()
+            with self._lock:
+                self._interrupts.discard(interrupt)
+
     # --- subprocesses ---------------------------------------------------------------------
 
     @contextmanager
@@ -142,6 +171,14 @@ class RunControl:
         finally:
             with self._lock:
                 self._processes.discard(process)
+
+
+def _call_quietly(interrupt: Callable[[], None]) -> None:
+    # An interrupt races the block it interrupts (a socket already closed): nothing to report.
+    try:
+        interrupt()
+    except Exception:  # noqa: S110
+        pass
 
 
 def kill_process_group(process: subprocess.Popen[Any]) -> None:

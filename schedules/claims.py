@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -52,6 +52,7 @@ CLAIM_LOCK_KEY = 0x7069636F
 CANDIDATE_PAGE = 200
 MAX_OUTPUT_CHARS = 20_000
 MAX_ERROR_CHARS = 4_000
+CANCELLED_ON_REQUEST = "cancelled on request"
 
 RELEASE: dict[str, Any] = {
     "claim_token": None,
@@ -660,14 +661,18 @@ def complete_many(done: list[tuple[Claim, Outcome]]) -> list[str]:
         jobs = _lock_held_jobs([claim for claim, _ in done])
         held = [i for i, (claim, _) in enumerate(done) if claim.job_id in jobs]
         finished = _finish_executions([done[i] for i in held], now)
+        statuses = [outcome.status for _, outcome in done]
         for i, (claim, outcome) in enumerate(done):
             if claim.execution_id not in finished:
                 lost.append(i)
                 continue
+            if finished[claim.execution_id] != outcome.status:
+                # The UPDATE found a cancel request on the row: it wrote `cancelled`.
+                outcome = replace(outcome, status=S.CANCELLED, error=CANCELLED_ON_REQUEST)
+                statuses[i] = outcome.status
             # Still inside the transaction, with the job locked under this token: the fenced
             # job update cannot miss.
             move_on(jobs[claim.job_id], _execution_of(claim), claim.token, outcome, now)
-    statuses = [outcome.status for _, outcome in done]
     for i in lost:
         record_superseded(*done[i])
         statuses[i] = S.SUPERSEDED
@@ -683,11 +688,15 @@ def _lock_held_jobs(claims: list[Claim]) -> dict[int, Job]:
     return {job.pk: job for job in Job.objects.select_for_update().filter(held).order_by("id")}
 
 
-def _finish_executions(done: list[tuple[Claim, Outcome]], now: datetime) -> set[int]:
+def _finish_executions(done: list[tuple[Claim, Outcome]], now: datetime) -> dict[int, str]:
     """One fenced UPDATE finalising the executions still `running` under their tokens; returns
-    the ids it finalised (the others were lost)."""
+    the status it wrote for each id it finalised (the others were lost).
+
+    A run whose cancel was requested never ends `succeeded`: in the same statement, so a request
+    committed meanwhile is seen, a success on a row with `cancel_requested_at` set is written
+    `cancelled`."""
     if not done:
-        return set()
+        return {}
     token_field = Execution._meta.get_field("claim_token")
     values = [
         (
@@ -714,16 +723,21 @@ def _finish_executions(done: list[tuple[Claim, Outcome]], now: datetime) -> set[
         source = f"(VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s)'] * len(values))}) AS v"
         params = [value for row in values for value in row]
         names = tuple(f"column{n}" for n in range(1, 8))
+    cancelled = (
+        f"v.{names[2]} = '{S.SUCCEEDED.value}' AND {table}.cancel_requested_at IS NOT NULL"  # noqa: S608
+    )
     sql = (
-        f"UPDATE {table} SET status = v.{names[2]}, finished_at = %s, output = v.{names[3]}, "  # noqa: S608 (names from the model, values bound)
-        f"error = v.{names[4]}, prompt_tokens = v.{names[5]}, "
-        f"completion_tokens = v.{names[6]} FROM {source} "
+        f"UPDATE {table} SET "  # noqa: S608 (names from the model, values bound)
+        f"status = CASE WHEN {cancelled} THEN '{S.CANCELLED.value}' ELSE v.{names[2]} END, "
+        f"finished_at = %s, output = v.{names[3]}, "
+        f"error = CASE WHEN {cancelled} THEN %s ELSE v.{names[4]} END, "
+        f"prompt_tokens = v.{names[5]}, completion_tokens = v.{names[6]} FROM {source} "
         f"WHERE {table}.id = v.{names[0]} AND {table}.claim_token = v.{names[1]} "
-        f"AND {table}.status = 'running' RETURNING {table}.id"
+        f"AND {table}.status = 'running' RETURNING {table}.id, {table}.status"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [stamp, *params])
-        return {row[0] for row in cursor.fetchall()}
+        cursor.execute(sql, [stamp, CANCELLED_ON_REQUEST, *params])
+        return dict(cursor.fetchall())
 
 
 def _execution_of(claim: Claim) -> Execution:

@@ -12,7 +12,8 @@
 - The monitor thread, every half second, reads cancellation requests for this worker's running
   executions (one primary-key read), enforces deadlines (cancelling the RunControl kills shell
   subprocesses), and every third of `lease_secs` renews the leases; a renewal that finds the
-  token gone stops that run (it will be recorded `superseded`).
+  token gone stops that run (it will be recorded `superseded`). A run stuck well past its
+  deadline is no longer renewed, so another worker recovers its occurrence.
 - SIGTERM/SIGINT: stop claiming, let running executions finish within the grace period, then
   cancel the rest, record them `interrupted` and release them for another worker at once. A
   second signal exits immediately (the leases then expire and another worker recovers them),
@@ -53,6 +54,9 @@ S = ExecutionStatus
 MONITOR_POLL_SECS = 0.5
 # A different signal this soon after the first is the same stop request (see the docstring).
 SAME_REQUEST_SECS = 2.0
+# A run still going this long after its deadline is stuck (the monitor cancelled it at the
+# deadline): its lease is no longer renewed, so another worker recovers the occurrence.
+STUCK_AFTER_DEADLINE_SECS = 10.0
 PURGE_EVERY_SECS = 3600.0
 # After the grace period, how long cancelled runs get to record themselves `interrupted`
 # before the main thread releases them itself.
@@ -553,6 +557,8 @@ class Worker:
         """Renew every held lease; a lost one stops its run. True if all were renewed."""
         all_held = True
         for item in self._snapshot():
+            if self._stuck(item):
+                continue
             if not claims.renew_lease(item.claim.job_id, item.claim.token):
                 all_held = False
                 logger.warning(
@@ -563,6 +569,19 @@ class Worker:
                 )
                 item.control.cancel(executor.CLAIM_LOST)
         return all_held
+
+    def _stuck(self, item: Running) -> bool:
+        """True for a run past its deadline plus STUCK_AFTER_DEADLINE_SECS (logged)."""
+        deadline = item.control.deadline
+        if deadline is None or time.monotonic() < deadline + STUCK_AFTER_DEADLINE_SECS:
+            return False
+        logger.warning(
+            "job=%s execution=%s user=%s is stuck past its deadline; its lease is left to expire",
+            item.claim.job_id,
+            item.claim.execution_id,
+            item.claim.owner_id,
+        )
+        return True
 
     # --- shutdown ------------------------------------------------------------------------------
 

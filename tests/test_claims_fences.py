@@ -18,7 +18,7 @@ from schedules import claims, executor
 from schedules.claims import ClaimLost, Outcome
 from schedules.dbtime import db_now
 from schedules.models import Execution, ExecutionStatus, Job
-from schedules.worker import Running, Worker
+from schedules.worker import STUCK_AFTER_DEADLINE_SECS, Running, Worker
 
 S = ExecutionStatus
 pytestmark = pytest.mark.django_db
@@ -111,3 +111,26 @@ def test_the_monitor_leaves_a_run_within_its_deadline_alone(claimed) -> None:
     control = _watched(worker, claim, time.monotonic() + 60)
     assert not worker.handle_one_watch()
     assert not control.cancelled
+
+
+def test_the_lease_of_a_run_stuck_past_its_deadline_is_no_longer_renewed(
+    claimed, make_user
+) -> None:
+    job, stuck = claimed
+    Job.objects.create(
+        owner=make_user(),
+        name="live",
+        prompt="p",
+        schedule_type="interval",
+        interval_secs=3600,
+        next_run_at=db_now() - timedelta(seconds=1),
+    )
+    [live] = claims.claim_due("w1", 1).claims
+    short = db_now() + timedelta(seconds=5)
+    Job.objects.filter(pk__in=[stuck.job_id, live.job_id]).update(lease_expires_at=short)
+    worker = Worker(worker_id="monitor-test")
+    _watched(worker, stuck, time.monotonic() - STUCK_AFTER_DEADLINE_SECS - 1)
+    _watched(worker, live, time.monotonic() + 60)
+    worker.handle_one_renewal()
+    assert Job.objects.get(pk=stuck.job_id).lease_expires_at == short
+    assert Job.objects.get(pk=live.job_id).lease_expires_at > short

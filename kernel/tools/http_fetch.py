@@ -15,11 +15,12 @@ import ipaddress
 import re
 import socket
 import ssl
+import threading
 import time
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from kernel.context import ToolContext
+from kernel.context import DeadlineExceeded, RunControl, ToolContext
 from kernel.netpolicy import Address, AddressRefused, resolve_allowed
 from kernel.permissions import InvalidPermission, Permission, parse_permission
 from kernel.tools import Tool, ToolError, ToolPermissionDenied, register
@@ -133,38 +134,58 @@ class HttpFetch(Tool):
     def _get(
         self, target: Target, address: Address, context: ToolContext
     ) -> tuple[int, dict[str, str], bytes, bool]:
+        """One request and its answer. The run's deadline (or the tool's limit, whichever is
+        first) and a cancel shut the socket down from another thread, so a server that
+        trickles its headers or body a byte at a time cannot hold the call past them."""
         control = context.control
         control.check()
         connection = _connection(target, address, max(0.1, control.bounded(self.timeout_secs)))
+        interrupted = threading.Event()
+
+        def interrupt() -> None:
+            interrupted.set()
+            sock = connection.sock
+            if sock is not None:
+                # The plain socket's shutdown, also under TLS: the blocked read returns at once.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
         try:
-            connection.request(
-                "GET",
-                target.path,
-                headers={
-                    "User-Agent": USER_AGENT,
-                    "Accept": "*/*",
-                    "Accept-Encoding": "identity",
-                    "Connection": "close",
-                },
-            )
-            response = connection.getresponse()
-            headers = {key.lower(): value for key, value in response.getheaders()}
-            body = bytearray()
-            while len(body) <= MAX_BODY_BYTES:
-                control.check()
-                if connection.sock is not None:
-                    connection.sock.settimeout(max(0.1, control.bounded(self.timeout_secs)))
-                chunk = response.read1(65536)
-                if not chunk:
-                    break
-                body += chunk
-            truncated = len(body) > MAX_BODY_BYTES
-            return response.status, headers, bytes(body[:MAX_BODY_BYTES]), truncated
+            with control.interrupting(interrupt):
+                return self._exchange(connection, target, control)
         except (OSError, http.client.HTTPException) as exc:
             control.check()
+            if interrupted.is_set():  # the timer fired a hair before the deadline it stands for
+                raise DeadlineExceeded("the deadline passed") from None
             raise ToolError(f"fetching {target.host} failed ({_why(exc)})") from None
         finally:
             connection.close()
+
+    def _exchange(
+        self, connection: http.client.HTTPConnection, target: Target, control: RunControl
+    ) -> tuple[int, dict[str, str], bytes, bool]:
+        connection.request(
+            "GET",
+            target.path,
+            headers={
+                "User-Agent": USER_AGENT,
+                "Accept": "*/*",
+                "Accept-Encoding": "identity",
+                "Connection": "close",
+            },
+        )
+        response = connection.getresponse()
+        headers = {key.lower(): value for key, value in response.getheaders()}
+        body = bytearray()
+        while len(body) <= MAX_BODY_BYTES:
+            control.check()
+            if connection.sock is not None:
+                connection.sock.settimeout(max(0.1, control.bounded(self.timeout_secs)))
+            chunk = response.read1(65536)
+            if not chunk:
+                break
+            body += chunk
+        truncated = len(body) > MAX_BODY_BYTES
+        return response.status, headers, bytes(body[:MAX_BODY_BYTES]), truncated
 
 
 def _why(exc: BaseException) -> str:
