@@ -116,7 +116,7 @@ def test_the_monitor_leaves_a_run_within_its_deadline_alone(claimed) -> None:
 def test_the_lease_of_a_run_stuck_past_its_deadline_is_no_longer_renewed(
     claimed, make_user
 ) -> None:
-    job, stuck = claimed
+    _, stuck = claimed
     Job.objects.create(
         owner=make_user(),
         name="live",
