@@ -162,6 +162,22 @@ class ChatSession(models.Model):
         return f"chat {self.pk} ({self.owner})"
 
 
+class ChatTurn(models.Model):
+    """A chat turn in progress: at most `kernel.turns.MAX_TURNS_PER_USER` live rows per user.
+
+    A row is deleted when its turn ends; one left by a process that died expires at
+    `expires_at` (after the longest a turn may take) and stops counting."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="chat_turns")
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["user", "expires_at"], name="chat_turn_user_idx")]
+
+    def __str__(self) -> str:
+        return f"chat turn {self.pk} ({self.user_id})"
+
+
 class ToolDecision(models.TextChoices):
     ALLOWED = "allowed"
     DENIED = "denied"

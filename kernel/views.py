@@ -13,6 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from kernel import turns
 from kernel.agent import AgentError, ModelNotConfigured, model_configured, run_agent
 from kernel.context import (
     Cancelled,
@@ -25,6 +26,7 @@ from kernel.context import (
 from kernel.kernel import storable
 from kernel.models import ChatSession, User
 from kernel.permissions import CapabilitySet, canonical_list
+from kernel.rest import ChatThrottle, StrictJSONParser
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,9 @@ _detail = inline_serializer("ChatError", {"detail": serializers.CharField()})
 class ChatView(APIView):
     """One interactive agent turn for the caller, in a new or an existing session."""
 
+    parser_classes = [StrictJSONParser]
+    throttle_classes = [ChatThrottle]
+
     @extend_schema(
         request=ChatRequestSerializer,
         responses={
@@ -136,6 +141,9 @@ class ChatView(APIView):
             ),
             404: OpenApiResponse(response=_detail, description="No such session of yours."),
             409: OpenApiResponse(response=_detail, description="A concurrent turn won."),
+            429: OpenApiResponse(
+                response=_detail, description="Too many requests, or too many turns running."
+            ),
             502: OpenApiResponse(response=_detail, description="The model failed."),
             503: OpenApiResponse(response=_detail, description="No model is configured."),
             504: OpenApiResponse(response=_detail, description="The turn ran out of time."),
@@ -171,7 +179,19 @@ class ChatView(APIView):
                     status=403,
                 )
             session = ChatSession.objects.create(owner=user, capabilities=requested)
-        return self._turn(session, user, data["message"])
+        turn = turns.begin(user.pk)
+        if turn is None:
+            return Response(
+                {
+                    "detail": f"You already have {turns.MAX_TURNS_PER_USER} chat turns running (at "
+                    f"most {turns.MAX_TURNS_PER_USER} at once); wait for one to finish."
+                },
+                status=status.HTTP_429_TOO_MANY_REQUESTS,
+            )
+        try:
+            return self._turn(session, user, data["message"])
+        finally:
+            turns.end(turn)
 
     def _turn(self, session: ChatSession, user: User, message: str) -> Response:
         context = ToolContext(

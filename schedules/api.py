@@ -24,14 +24,12 @@ from drf_spectacular.utils import (
 from rest_framework import exceptions, status
 from rest_framework.decorators import action
 from rest_framework.pagination import LimitOffsetPagination
-from rest_framework.parsers import JSONParser
 from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.settings import api_settings
-from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.viewsets import GenericViewSet
 
+from kernel.rest import ApiKeyThrottle, StrictJSONParser
 from picobot_site.api_rules import KnownQueryParams
 from schedules import lifecycle
 from schedules.dbtime import db_now
@@ -53,7 +51,6 @@ from schedules.serializers import (
 )
 
 MAX_PAGE_LIMIT = 100
-DEFAULT_THROTTLE_RATE = "300/minute"
 
 # The route's action -> the `schedule:<action>` permission it needs.
 ACTION_PERMISSIONS = {
@@ -115,31 +112,6 @@ class HasScheduleAction(BasePermission):
             return True
         self.message = f"Your grant does not include {required}."
         return False
-
-
-class ApiKeyThrottle(SimpleRateThrottle):
-    """Requests per API key; the rate is REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["api_key"]."""
-
-    scope = "api_key"
-
-    def get_rate(self) -> str:
-        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope) or DEFAULT_THROTTLE_RATE
-
-    def get_cache_key(self, request: Request, view: Any) -> str | None:
-        digest = getattr(request.auth, "digest", None)
-        if not digest:
-            return None
-        return self.cache_format % {"scope": self.scope, "ident": digest}
-
-
-class StrictJSONParser(JSONParser):
-    """JSON whose nesting is too deep for the parser is a 400, not a 500."""
-
-    def parse(self, stream: Any, media_type: Any = None, parser_context: Any = None) -> Any:
-        try:
-            return super().parse(stream, media_type, parser_context)
-        except RecursionError:
-            raise exceptions.ParseError("JSON parse error - nested too deeply") from None
 
 
 class Pagination(LimitOffsetPagination):
