@@ -10,6 +10,7 @@ before the tool runs and completed after, so no effect happens without a row.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 import time
@@ -136,6 +137,7 @@ _USER_FLAG = re.compile(r"-u|--user|--proxy-user|--http-user")
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def storable(text: str) -> str:
@@ -167,6 +169,8 @@ def redact(value: Any, _depth: int = 0) -> Any:
         return _redact_list(list(value)[:100], _depth)
     if isinstance(value, str):
         return redact_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # NaN and Infinity are not JSON: PostgreSQL and strict JSON refuse them
     if value is None or isinstance(value, bool | int | float):
         return value
     return redact_text(repr(value))
@@ -206,6 +210,25 @@ def nesting_exceeds(value: Any, limit: int) -> bool:
             return True
         stack.extend((child, depth + 1) for child in children)
     return False
+
+
+def malformed_value(value: Any) -> str | None:
+    """Why `value` (already within the nesting limit) cannot be a tool argument: NaN or
+    Infinity (not JSON), or a string or key holding a lone surrogate (not Unicode text, so no
+    path, URL or command); None when it is fine."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return "NaN and Infinity are not allowed"
+        if isinstance(item, str) and _SURROGATE.search(item):
+            return "text must not hold lone surrogate characters"
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None
 
 
 def text_nesting_exceeds(text: str, limit: int) -> bool:
@@ -301,6 +324,9 @@ class Kernel:
             return _invalid(tool_name, "the arguments must be a JSON object")
         if nesting_exceeds(args, MAX_ARGUMENT_DEPTH):
             return _invalid(tool_name, _TOO_DEEP)
+        malformed = malformed_value(args)
+        if malformed is not None:
+            return _invalid(tool_name, f"invalid arguments: {malformed}")
         error = best_match(Draft202012Validator(tool.parameters).iter_errors(args))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path)
@@ -308,7 +334,7 @@ class Kernel:
             return _invalid(tool_name, f"invalid arguments: {detail}")
         try:
             required = tool.required_permissions(args, context)
-        except (ToolError, InvalidPermission) as exc:
+        except (ToolError, InvalidPermission, ValueError) as exc:  # UnicodeError included
             return _invalid(tool_name, f"invalid arguments: {exc}")
         missing = [p for p in required if not context.capabilities.allows(p)]
         if missing:

@@ -110,4 +110,3 @@ def test_the_cap_holds_for_processes_starting_turns_at_the_same_instant(make_use
         assert all(a in ("granted", "refused") for a in answers), results
         assert answers.count("granted") == turns.MAX_TURNS_PER_USER, (round_, answers)
         assert ChatTurn.objects.filter(user=user).count() == turns.MAX_TURNS_PER_USER
-
