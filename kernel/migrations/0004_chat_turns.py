@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('kernel', '0002_chat_sessions_and_tool_calls'),
+        ('kernel', '0003_tool_call_status_and_process'),
     ]
 
     operations = [
