@@ -213,21 +213,24 @@ def nesting_exceeds(value: Any, limit: int) -> bool:
 
 
 def malformed_value(value: Any) -> str | None:
-    """Why `value` (already within the nesting limit) cannot be a tool argument: NaN or
-    Infinity (not JSON), or a string or key holding a lone surrogate (not Unicode text, so no
-    path, URL or command); None when it is fine."""
-    stack: list[Any] = [value]
+    """Why `value` (already within the nesting limit) cannot be a tool argument, naming where:
+    NaN or Infinity (not JSON), or a string or key holding a lone surrogate (not Unicode text,
+    so no path, URL or command); None when it is fine."""
+    stack: list[tuple[str, Any]] = [("", value)]
     while stack:
-        item = stack.pop()
+        where, item = stack.pop()
+        prefix = f"{where}: " if where else ""
         if isinstance(item, float) and not math.isfinite(item):
-            return "NaN and Infinity are not allowed"
+            return f"{prefix}NaN and Infinity are not allowed"
         if isinstance(item, str) and _SURROGATE.search(item):
-            return "text must not hold lone surrogate characters"
+            return f"{prefix}Lone surrogate characters are not allowed"
         if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            for key, child in item.items():
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return f"{prefix}Lone surrogate characters are not allowed in names"
+                stack.append((f"{where}/{key}" if where else str(key), child))
         elif isinstance(item, list | tuple):
-            stack.extend(item)
+            stack.extend((f"{where}/{index}", child) for index, child in enumerate(item))
     return None
 
 

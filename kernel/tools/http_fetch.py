@@ -151,7 +151,11 @@ class HttpFetch(Tool):
 
         try:
             with control.interrupting(interrupt):
-                return self._exchange(connection, target, control)
+                answer = self._exchange(connection, target, control)
+            if interrupted.is_set():  # the shutdown read as the end of the body: not an answer
+                control.check()
+                raise DeadlineExceeded("the deadline passed")
+            return answer
         except (OSError, http.client.HTTPException) as exc:
             control.check()
             if interrupted.is_set():  # the timer fired a hair before the deadline it stands for
