@@ -8,19 +8,17 @@ the request, with the tool results already in the conversation.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import openai
 from django.conf import settings
 from opentelemetry import trace
 
-from kernel.context import RunControl, ToolContext
+from kernel.context import ToolContext
 from kernel.kernel import ToolResult, kernel
 from kernel.tools import tool_specs
 
@@ -31,10 +29,6 @@ TRANSPORT_ATTEMPTS = 3
 # Clients kept per process, keyed by endpoint: more only appear when the settings change (tests).
 MAX_CACHED_CLIENTS = 8
 TRANSPORT_BACKOFF_SECS = (0.5, 2.0)
-# How often a run waiting for the model looks at its cancel switch and deadline.
-STOP_POLL_SECS = 0.05
-
-T = TypeVar("T")
 
 HOW_TO_CONFIGURE = (
     "No model is configured. Set PICOBOT_MODEL_BASE_URL (an OpenAI-compatible Chat Completions "
@@ -185,10 +179,9 @@ def _complete(
             # As extra_body: the specs are plain JSON already, built once per process; as
             # `tools=` the client would walk and copy them again on every request.
             kwargs["extra_body"] = {"tools": tools}
-        kwargs["timeout"] = max(0.1, control.bounded(request_timeout))
         try:
-            return _interruptible(
-                control, functools.partial(client.chat.completions.create, **kwargs)
+            return client.chat.completions.create(
+                **kwargs, timeout=max(0.1, control.bounded(request_timeout))
             )
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             last_error = exc
@@ -208,32 +201,6 @@ def _complete(
         f"the model endpoint could not be reached after {TRANSPORT_ATTEMPTS} attempts "
         f"({type(last_error).__name__})"
     )
-
-
-def _interruptible(control: RunControl, request: Callable[[], T]) -> T:
-    """`request()`'s result, but a cancel or the run's deadline stops the wait at once.
-
-    The request runs on a helper thread, so the run does not wait for a model that is slow to
-    answer (or trickles its answer): it raises Cancelled or DeadlineExceeded within
-    STOP_POLL_SECS. The abandoned request ends on its own (its timeout is the run's remaining
-    time at most); the shared client and its other connections are untouched."""
-    done = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = request()
-        except BaseException as exc:
-            outcome["error"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name="model-request", daemon=True).start()
-    while not done.wait(STOP_POLL_SECS):
-        control.check()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
 
 
 def _short(text: str, limit: int = 300) -> str:
