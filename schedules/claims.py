@@ -723,14 +723,13 @@ def _finish_executions(done: list[tuple[Claim, Outcome]], now: datetime) -> dict
         source = f"(VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s)'] * len(values))}) AS v"
         params = [value for row in values for value in row]
         names = tuple(f"column{n}" for n in range(1, 8))
-    cancelled = (
-        f"v.{names[2]} = '{S.SUCCEEDED.value}' AND {table}.cancel_requested_at IS NOT NULL"  # noqa: S608
-    )
+    succeeded, cancelled = S.SUCCEEDED.value, S.CANCELLED.value
+    requested = f"v.{names[2]} = '{succeeded}' AND {table}.cancel_requested_at IS NOT NULL"
     sql = (
         f"UPDATE {table} SET "  # noqa: S608 (names from the model, values bound)
-        f"status = CASE WHEN {cancelled} THEN '{S.CANCELLED.value}' ELSE v.{names[2]} END, "
+        f"status = CASE WHEN {requested} THEN '{cancelled}' ELSE v.{names[2]} END, "
         f"finished_at = %s, output = v.{names[3]}, "
-        f"error = CASE WHEN {cancelled} THEN %s ELSE v.{names[4]} END, "
+        f"error = CASE WHEN {requested} THEN %s ELSE v.{names[4]} END, "
         f"prompt_tokens = v.{names[5]}, completion_tokens = v.{names[6]} FROM {source} "
         f"WHERE {table}.id = v.{names[0]} AND {table}.claim_token = v.{names[1]} "
         f"AND {table}.status = 'running' RETURNING {table}.id, {table}.status"

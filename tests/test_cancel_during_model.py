@@ -47,3 +47,23 @@ def test_a_success_completed_after_a_cancel_request_is_recorded_cancelled(claime
 def test_other_endings_are_kept_when_a_cancel_was_requested(claimed, status: str) -> None:
     Execution.objects.filter(pk=claimed.execution_id).update(cancel_requested_at=db_now())
     assert claims.complete(claimed, Outcome(status, error="it went wrong")) == status
+
+
+@pytest.mark.django_db
+def test_in_a_batch_only_the_run_whose_cancel_was_requested_becomes_cancelled(
+    claimed, make_user
+) -> None:
+    Job.objects.create(
+        owner=make_user(),
+        name="other",
+        prompt="p",
+        schedule_type="interval",
+        interval_secs=3600,
+        next_run_at=db_now() - timedelta(seconds=1),
+    )
+    [other] = claims.claim_due("w1", 1).claims
+    Execution.objects.filter(pk=claimed.execution_id).update(cancel_requested_at=db_now())
+    done = [(claimed, Outcome(S.SUCCEEDED, output="a")), (other, Outcome(S.SUCCEEDED, output="b"))]
+    assert claims.complete_many(done) == [S.CANCELLED, S.SUCCEEDED]
+    assert Execution.objects.get(pk=claimed.execution_id).status == S.CANCELLED
+    assert Execution.objects.get(pk=other.execution_id).status == S.SUCCEEDED

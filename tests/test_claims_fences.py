@@ -47,46 +47,73 @@ def _execution_fields(execution_id: int) -> dict[str, Any]:
     return Execution.objects.filter(pk=execution_id).values().get()
 
 
-def test_the_job_lock_finds_nothing_for_a_stale_token(claimed) -> None:
+def _complete_alone(claim: claims.Claim) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Complete `claim` through `complete_many`, asserting it is reported lost; returns the job
+    and execution rows as they were before."""
+    before = _job_fields(claim.job_id), _execution_fields(claim.execution_id)
+    assert claims.complete_many([(claim, Outcome(S.SUCCEEDED, output="late"))]) == [S.SUPERSEDED]
+    return before
+
+
+def test_the_job_lock_is_fenced_on_the_token(claimed) -> None:
     job, claim = claimed
-    with transaction.atomic():
-        assert claims._lock_held_job(job.pk, uuid.uuid4()) is None
-        assert claims._lock_held_job(job.pk, claim.token) is not None
+    # Another worker took the job over; the execution row still carries this claim's token, so
+    # only the job lock's fence keeps this completion out.
+    Job.objects.filter(pk=job.pk).update(claim_token=uuid.uuid4())
+    before_job, _ = _complete_alone(claim)
+    assert _job_fields(job.pk) == before_job
+    assert Execution.objects.get(pk=claim.execution_id).status == S.SUPERSEDED
 
 
 def test_the_execution_update_is_fenced_on_the_token(claimed) -> None:
     job, claim = claimed
-    # The job is now held with another token, and the holder of that token tries to finish an
-    # execution row that carries the old one: only the execution fence can stop it.
-    other = uuid.uuid4()
-    Job.objects.filter(pk=job.pk).update(claim_token=other)
-    before_job, before_execution = _job_fields(job.pk), _execution_fields(claim.execution_id)
-    with pytest.raises(ClaimLost), transaction.atomic():
-        claims.finish(job, claims._execution_of(claim), other, Outcome(S.SUCCEEDED), db_now())
-    assert _execution_fields(claim.execution_id) == before_execution
+    # The job is still held under this token, but the execution row carries another one: only
+    # the set-based UPDATE's token fence keeps it (and so the job) unchanged.
+    Execution.objects.filter(pk=claim.execution_id).update(claim_token=uuid.uuid4())
+    before_job, before_execution = _complete_alone(claim)
     assert _job_fields(job.pk) == before_job
+    assert _execution_fields(claim.execution_id) == before_execution
+
+
+def test_the_execution_update_is_fenced_on_running(claimed) -> None:
+    job, claim = claimed
+    # Same token, job held, but the execution row is already final.
+    Execution.objects.filter(pk=claim.execution_id).update(status=S.FAILED, error="first")
+    before_job, before_execution = _complete_alone(claim)
+    assert _job_fields(job.pk) == before_job
+    assert _execution_fields(claim.execution_id) == before_execution
 
 
 def test_the_job_update_is_fenced_on_the_token(claimed) -> None:
     job, claim = claimed
-    # Another worker took the job over; this execution row still carries the old token.
-    taken_over = uuid.uuid4()
-    Job.objects.filter(pk=job.pk).update(claim_token=taken_over)
-    before_job, before_execution = _job_fields(job.pk), _execution_fields(claim.execution_id)
-    with pytest.raises(ClaimLost), transaction.atomic():
-        claims.finish(job, claims._execution_of(claim), claim.token, Outcome(S.SUCCEEDED), db_now())
-    assert _job_fields(job.pk) == before_job
-    assert _execution_fields(claim.execution_id) == before_execution  # rolled back with it
-    assert before_job["claim_token"] == taken_over
-
-
-def test_completing_with_a_stale_token_changes_nothing_and_reports_the_claim_lost(claimed) -> None:
-    job, claim = claimed
+    # `complete_many` reaches the job update only with the job locked under this token, so this
+    # fence is tried on its own: moving the job on under a stale token raises and writes nothing.
     Job.objects.filter(pk=job.pk).update(claim_token=uuid.uuid4())
     before_job = _job_fields(job.pk)
-    assert claims.complete(claim, Outcome(S.SUCCEEDED, output="late")) == S.SUPERSEDED
+    with pytest.raises(ClaimLost), transaction.atomic():
+        claims.move_on(
+            job, claims._execution_of(claim), claim.token, Outcome(S.SUCCEEDED), db_now()
+        )
     assert _job_fields(job.pk) == before_job
-    assert Execution.objects.get(pk=claim.execution_id).status == S.SUPERSEDED
+
+
+def test_a_stale_claim_in_a_batch_leaves_the_others_completed(claimed, make_user) -> None:
+    job, stale = claimed
+    Job.objects.create(
+        owner=make_user(),
+        name="held",
+        prompt="p",
+        schedule_type="interval",
+        interval_secs=3600,
+        next_run_at=db_now() - timedelta(seconds=1),
+    )
+    [held] = claims.claim_due("w1", 1).claims
+    Job.objects.filter(pk=job.pk).update(claim_token=uuid.uuid4())
+    before_job = _job_fields(job.pk)
+    statuses = claims.complete_many([(stale, Outcome(S.SUCCEEDED)), (held, Outcome(S.SUCCEEDED))])
+    assert statuses == [S.SUPERSEDED, S.SUCCEEDED]
+    assert _job_fields(job.pk) == before_job
+    assert Job.objects.get(pk=held.job_id).claim_token is None
 
 
 def _watched(worker: Worker, claim: claims.Claim, deadline: float | None) -> RunControl:
