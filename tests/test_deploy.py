@@ -32,9 +32,13 @@ def free_port() -> int:
 def get(url: str) -> tuple[int, str, str]:
     try:
         with urllib.request.urlopen(url, timeout=10) as answer:
-            return answer.status, answer.headers.get("Content-Type", ""), answer.read().decode()
+            return (
+                answer.status,
+                answer.headers.get("Content-Type", ""),
+                answer.read().decode(errors="replace"),
+            )
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode(errors="replace")
 
 
 def production_env(**extra: str) -> dict[str, str]:
@@ -53,7 +57,9 @@ def production_env(**extra: str) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_gunicorn_with_debug_off_serves_the_admin_login_with_its_css(tmp_path: Path) -> None:
+def test_gunicorn_with_debug_off_serves_the_admin_login_and_the_api_docs_with_their_assets(
+    tmp_path: Path,
+) -> None:
     port = free_port()
     log = open(tmp_path / "gunicorn.log", "wb")
     server = subprocess.Popen(
@@ -88,6 +94,14 @@ def test_gunicorn_with_debug_off_serves_the_admin_login_with_its_css(tmp_path: P
         assert status == 200 and content_type.startswith("text/css")
         status, _, schema = get(f"{base}/api/v1/schema")
         assert status == 200 and "openapi" in schema
+        # The API docs page and every asset it loads come from our own static files (no CDN).
+        status, _, docs = get(f"{base}/api/v1/docs")
+        assert status == 200
+        assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css|png))"', docs)
+        assert any("swagger-ui" in asset for asset in assets), assets
+        for asset in assets:
+            assert asset.startswith("/static/"), asset
+            assert get(base + asset)[0] == 200, asset
         assert get(f"{base}/static/nothing-here.css")[0] == 404
     finally:
         server.terminate()
