@@ -222,6 +222,8 @@ SPECTACULAR_SETTINGS = {
         "MisfireEnum": "schedules.models.Misfire",
         "ExecutionStatusEnum": "schedules.models.ExecutionStatus",
         "ToolDecisionEnum": "kernel.models.ToolDecision",
+        "ChannelEnum": "notifications.models.Channel",
+        "ContactChannelEnum": "notifications.contacts.CONTACT_CHANNELS",
     },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

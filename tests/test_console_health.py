@@ -82,3 +82,20 @@ def test_the_hourly_chart_counts_each_hour_and_status(job) -> None:
     assert chart.counts[this_hour - timedelta(hours=2)] == {"failed": 3, "succeeded": 1}
     assert chart.total(health.FAILURES) == 3
     assert chart.peak == 4
+
+
+def test_the_queue_state_counts_dead_notifications_only(job) -> None:
+    from notifications.models import Notification
+
+    for n, status in enumerate(["dead", "dead", "sent", "pending", "sending"]):
+        Notification.objects.create(
+            owner=job.owner,
+            channel="console",
+            kind="result",
+            body="hello",
+            status=status,
+            next_attempt_at=db_now(),
+            idempotency_key=f"key-{n}",
+        )
+
+    assert health.queue_state().dead_notifications == 2
