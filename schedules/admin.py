@@ -29,7 +29,7 @@ from schedules import lifecycle
 from schedules.dbtime import db_now
 from schedules.models import Execution, Job, Origin, ScheduleType, Worker
 from schedules.quotas import QuotaExceeded, check_can_create
-from schedules.serializers import upcoming_runs
+from schedules.serializers import WRITABLE_FIELDS, upcoming_runs
 from schedules.timing import describe_cron
 
 HEARTBEAT_NOTE = (
@@ -50,20 +50,9 @@ STATE_FIELDS = (
     "created_at",
     "updated_at",
 )
-FORM_FIELDS = (
-    "name",
-    "prompt",
-    "schedule_type",
-    "run_at",
-    "interval_secs",
-    "cron",
-    "timezone",
-    "capabilities",
-    "enabled",
-    "max_executions",
-    "timeout_secs",
-    "misfire",
-)
+# The API's writable fields, less the notify settings, which the form does not edit (an owner's
+# contacts and channels are theirs to choose through the API).
+FORM_FIELDS = tuple(f for f in WRITABLE_FIELDS if f not in ("notify_on", "notify_channels"))
 FIELD_HELP = {
     "schedule_type": "once: run_at. interval: interval_secs (and an optional first run_at). "
     "cron: cron.",
