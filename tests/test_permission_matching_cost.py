@@ -13,6 +13,7 @@ import pytest
 from kernel import permissions
 from kernel.permissions import (
     MAX_PATH_COMPONENTS,
+    MAX_PERMISSION_LENGTH,
     MAX_WILDCARDS_PER_COMPONENT,
     CapabilitySet,
     InvalidPermission,
@@ -111,6 +112,20 @@ def test_a_path_deeper_than_any_recursion_limit_is_matched_without_recursion() -
 def test_patterns_past_a_bound_are_refused_with_a_message_naming_it(text: str, bound: str) -> None:
     with pytest.raises(InvalidPermission, match=bound):
         parse_permission(text)
+
+
+def test_each_bound_admits_its_limit_and_refuses_one_more() -> None:
+    prefix = "filesystem:read:/d/"
+    at_length = prefix + "a" * (MAX_PERMISSION_LENGTH - len(prefix))
+    assert parse_permission(at_length).value.endswith("a")
+    with pytest.raises(InvalidPermission, match="characters"):
+        parse_permission(at_length + "a")
+    parse_permission(prefix + "*a" * MAX_WILDCARDS_PER_COMPONENT)
+    with pytest.raises(InvalidPermission, match="'\\*' wildcards"):
+        parse_permission(prefix + "*a" * (MAX_WILDCARDS_PER_COMPONENT + 1))
+    parse_permission("filesystem:read:/" + "/".join(["a"] * MAX_PATH_COMPONENTS))
+    with pytest.raises(InvalidPermission, match="components"):
+        parse_permission("filesystem:read:/" + "/".join(["a"] * (MAX_PATH_COMPONENTS + 1)))
 
 
 @pytest.mark.django_db
