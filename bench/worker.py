@@ -37,7 +37,9 @@ def _install_counters() -> None:
     from django.db.backends.signals import connection_created
 
     def on_connect(sender: Any, connection: Any, **kwargs: Any) -> None:
-        connection.execute_wrappers.append(_count)
+        # Once per connection object: it fires again each time a closed connection reopens.
+        if _count not in connection.execute_wrappers:
+            connection.execute_wrappers.append(_count)
 
     connection_created.connect(on_connect, weak=False)
     commit = BaseDatabaseWrapper._commit

@@ -61,14 +61,19 @@ def enqueue(ids: list[int], *, mark: bool = True) -> None:
     (an error here) is the sweep's once its `enqueued_at` is a lease old."""
     from django_q.tasks import async_task
 
-    queued = []
-    for notification_id in ids:
-        try:
-            async_task(TASK, notification_id, task_name=f"notification {notification_id}")
-        except Exception:
-            logger.exception("could not queue notification=%s; the sweep will", notification_id)
-            continue
-        queued.append(notification_id)
+    # One transaction for the batch: one commit for all its tasks, and django-q2's ORM broker,
+    # which closes the thread's connection before each task when it runs outside a transaction
+    # (`close_old_connections`: a reconnect per completion otherwise), keeps ours open. All or
+    # none: rows left unqueued by an error are the sweep's.
+    queued: list[int] = []
+    try:
+        with transaction.atomic():
+            for notification_id in ids:
+                async_task(TASK, notification_id, task_name=f"notification {notification_id}")
+                queued.append(notification_id)
+    except Exception:
+        logger.exception("could not queue notifications %s; the sweep will", ids)
+        return
     if queued and mark:
         Notification.objects.filter(id__in=queued, status=Status.PENDING).update(
             enqueued_at=db_now()
