@@ -23,6 +23,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
+from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
 from notifications import metrics, rules
@@ -68,15 +69,50 @@ def enqueue(ids: list[int], *, mark: bool = True) -> None:
     queued: list[int] = []
     try:
         with transaction.atomic():
+            broker = _TaskBatch.for_configured_broker()
             for notification_id in ids:
-                async_task(TASK, notification_id, task_name=f"notification {notification_id}")
+                name = f"notification {notification_id}"
+                async_task(TASK, notification_id, task_name=name, broker=broker)
                 queued.append(notification_id)
+            if isinstance(broker, _TaskBatch):
+                broker.flush()
     except Exception:
         logger.exception("could not queue notifications %s; the sweep will", ids)
         return
     if queued and mark:
         Notification.objects.filter(id__in=queued, status=Status.PENDING).update(
             enqueued_at=db_now()
+        )
+
+
+class _TaskBatch:
+    """django-q2's ORM broker for one batch of tasks: `async_task(..., broker=)` signs each task
+    as usual and hands it here, and `flush` writes them all with one INSERT (the ORM broker
+    writes one row per task, each after constructing a broker)."""
+
+    def __init__(self, broker: Any) -> None:
+        self.list_key = broker.list_key
+        self.payloads: list[str] = []
+
+    @classmethod
+    def for_configured_broker(cls) -> Any:
+        from django_q.brokers import get_broker
+        from django_q.brokers.orm import ORM
+
+        broker = get_broker()
+        return cls(broker) if type(broker) is ORM else broker
+
+    def enqueue(self, task: str) -> int:
+        self.payloads.append(task)
+        return len(self.payloads)
+
+    def flush(self) -> None:
+        from django_q.conf import Conf
+        from django_q.models import OrmQ
+
+        now = timezone.now()
+        OrmQ.objects.using(Conf.ORM).bulk_create(
+            OrmQ(key=self.list_key, payload=payload, lock=now) for payload in self.payloads
         )
 
 

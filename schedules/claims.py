@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, Q
+from django.db.models import Count
 from django.utils.dateparse import parse_datetime
 
 from kernel.processes import interrupt_calls
@@ -525,6 +525,60 @@ def _fenced_job_update(job_id: int, token: UUID, changes: dict[str, Any]) -> Non
         raise ClaimLost(f"job {job_id} is no longer held with this claim token")
 
 
+def _fenced_job_updates(updates: list[tuple[int, UUID, dict[str, Any]]]) -> None:
+    """`_fenced_job_update` for several jobs: one set-based statement per set of fields changed
+    (a batch of similar runs changes the same fields), each fenced on its job's claim token.
+    Raises ClaimLost, writing nothing, if any job is no longer held."""
+    if len(updates) == 1:
+        _fenced_job_update(*updates[0])
+        return
+    groups: dict[tuple[str, ...], list[tuple[int, UUID, dict[str, Any]]]] = {}
+    for update in updates:
+        groups.setdefault(tuple(sorted(update[2])), []).append(update)
+    for names, group in groups.items():
+        updated = _update_jobs(names, group)
+        if updated != {job_id for job_id, _, _ in group}:
+            missing = sorted({job_id for job_id, _, _ in group} - updated)
+            raise ClaimLost(f"jobs {missing} are no longer held with their claim tokens")
+
+
+def _update_jobs(names: tuple[str, ...], group: list[tuple[int, UUID, dict[str, Any]]]) -> set[int]:
+    meta = Job._meta
+    columns = [meta.pk, meta.get_field("claim_token"), *(meta.get_field(n) for n in names)]
+    rows = [
+        [
+            column.get_db_prep_save(value, connection)
+            for column, value in zip(
+                columns, (job_id, token, *(changes[n] for n in names)), strict=True
+            )
+        ]
+        for job_id, token, changes in group
+    ]
+    table = meta.db_table
+    if connection.vendor == "postgresql":
+        casts = ", ".join(f"%s::{column.cast_db_type(connection)}[]" for column in columns)
+        aliases = [f"c{n}" for n in range(len(columns))]
+        source = f"unnest({casts}) AS v({', '.join(aliases)})"
+        params: list[Any] = [list(column) for column in zip(*rows, strict=True)]
+    else:
+        placeholders = "(" + ", ".join(["%s"] * len(columns)) + ")"
+        source = f"(VALUES {', '.join([placeholders] * len(rows))}) AS v"
+        aliases = [f"column{n}" for n in range(1, len(columns) + 1)]
+        params = [value for row in rows for value in row]
+    assignments = ", ".join(
+        f"{column.column} = v.{alias}"
+        for column, alias in zip(columns[2:], aliases[2:], strict=True)
+    )
+    sql = (
+        f"UPDATE {table} SET {assignments} FROM {source} "  # noqa: S608 (names from the model)
+        f"WHERE {table}.id = v.{aliases[0]} AND {table}.claim_token = v.{aliases[1]} "
+        f"RETURNING {table}.id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {row[0] for row in cursor.fetchall()}
+
+
 # --- while running -----------------------------------------------------------------------------
 
 
@@ -656,6 +710,7 @@ def complete_many(done: list[tuple[Claim, Outcome]]) -> list[str]:
     transaction; it is recorded `superseded` afterwards, exactly as `complete` records it.
     """
     lost: list[int] = []
+    writes = _Writes()
     with transaction.atomic():
         now = db_now()
         jobs = _lock_held_jobs([claim for claim, _ in done])
@@ -670,9 +725,10 @@ def complete_many(done: list[tuple[Claim, Outcome]]) -> list[str]:
                 # The UPDATE found a cancel request on the row: it wrote `cancelled`.
                 outcome = replace(outcome, status=S.CANCELLED, error=CANCELLED_ON_REQUEST)
                 statuses[i] = outcome.status
-            # Still inside the transaction, with the job locked under this token: the fenced
-            # job update cannot miss.
-            move_on(jobs[claim.job_id], _execution_of(claim), claim.token, outcome, now)
+            move_on(jobs[claim.job_id], _execution_of(claim), claim.token, outcome, now, writes)
+        # Still inside the transaction, with the jobs locked under these tokens: the fenced job
+        # updates cannot miss.
+        writes.flush(now)
     for i in lost:
         record_superseded(*done[i])
         statuses[i] = S.SUPERSEDED
@@ -680,12 +736,34 @@ def complete_many(done: list[tuple[Claim, Outcome]]) -> list[str]:
 
 
 def _lock_held_jobs(claims: list[Claim]) -> dict[int, Job]:
-    # FOR UPDATE (PostgreSQL) so a concurrent PATCH or recovery waits for us, and we read the
-    # jobs' current versions; SQLite's IMMEDIATE transaction already excludes other writers.
-    held = Q()
-    for claim in claims:
-        held |= Q(id=claim.job_id, claim_token=claim.token)
-    return {job.pk: job for job in Job.objects.select_for_update().filter(held).order_by("id")}
+    """The jobs still held under these claims' tokens, read and locked in one statement.
+
+    FOR UPDATE (PostgreSQL) so a concurrent PATCH or recovery waits for us, and we read the
+    jobs' current versions; SQLite's IMMEDIATE transaction already excludes other writers."""
+    table = Job._meta.db_table
+    columns = ", ".join(f"{table}.{f.column}" for f in Job._meta.concrete_fields)
+    token_field = Job._meta.get_field("claim_token")
+    tokens = [token_field.get_db_prep_value(claim.token, connection) for claim in claims]
+    if connection.vendor == "postgresql":
+        sql = (
+            f"SELECT {columns} FROM {table} "  # noqa: S608 (names from the model, values bound)
+            "JOIN unnest(%s::bigint[], %s::uuid[]) AS held(id, token) "
+            f"ON {table}.id = held.id AND {table}.claim_token = held.token "
+            f"ORDER BY {table}.id FOR UPDATE OF {table}"
+        )
+        params: list[Any] = [[claim.job_id for claim in claims], tokens]
+    else:
+        pairs = ", ".join(["(%s, %s)"] * len(claims))
+        sql = (
+            f"SELECT {columns} FROM {table} "  # noqa: S608 (names from the model, values bound)
+            f"WHERE (id, claim_token) IN (VALUES {pairs}) ORDER BY id"
+        )
+        params = [
+            value
+            for claim, token in zip(claims, tokens, strict=True)
+            for value in (claim.job_id, token)
+        ]
+    return {job.pk: job for job in Job.objects.raw(sql, params)}
 
 
 def _finish_executions(done: list[tuple[Claim, Outcome]], now: datetime) -> dict[int, str]:
@@ -794,12 +872,35 @@ def finish(job: Job, execution: Execution, token: UUID, outcome: Outcome, now: d
     move_on(job, execution, token, outcome, now)
 
 
-def move_on(job: Job, execution: Execution, token: UUID, outcome: Outcome, now: datetime) -> None:
+@dataclass
+class _Writes:
+    """What `move_on` leaves to be written together for the executions one transaction
+    completes: the fenced job updates and the completions' notifications."""
+
+    jobs: list[tuple[int, UUID, dict[str, Any]]] = field(default_factory=list)
+    completions: list[Any] = field(default_factory=list)
+
+    def flush(self, now: datetime) -> None:
+        _fenced_job_updates(self.jobs)
+        # Exactly once per completion, in the transaction that records them all.
+        write_completion_notifications(self.completions, now)
+
+
+def move_on(
+    job: Job,
+    execution: Execution,
+    token: UUID,
+    outcome: Outcome,
+    now: datetime,
+    writes: _Writes | None = None,
+) -> None:
     """Inside a transaction that holds `job` and has just finalised `execution`: move the job on,
-    release the claim and write the completion's notifications."""
+    release the claim and write the completion's notifications — or, given `writes`, leave
+    both to it, to be written with the rest of the transaction's."""
+    from notifications.writing import Completion
+
     changes, disabled_reason = job_changes(job, execution, outcome, now)
-    _fenced_job_update(job.pk, token, {**RELEASE, **changes})
-    write_completion_notifications(
+    completion = Completion(
         job=job,
         execution_id=execution.pk,
         status=outcome.status,
@@ -807,8 +908,13 @@ def move_on(job: Job, execution: Execution, token: UUID, outcome: Outcome, now: 
         error=outcome.error,
         disabled_reason=disabled_reason,
         retrying=changes.get("pending_scheduled_for") is not None,
-        now=now,
     )
+    if writes is None:
+        _fenced_job_update(job.pk, token, {**RELEASE, **changes})
+        write_completion_notifications([completion], now)
+    else:
+        writes.jobs.append((job.pk, token, {**RELEASE, **changes}))
+        writes.completions.append(completion)
     metrics.EXECUTIONS.labels(outcome.status, job.schedule_type).inc()
     logger.info(
         "finished job=%s execution=%s user=%s status=%s%s",
@@ -902,40 +1008,14 @@ def job_changes(
     return changes, disabled_reason
 
 
-def write_completion_notifications(
-    *,
-    job: Job,
-    execution_id: int,
-    status: str,
-    output: str,
-    error: str,
-    disabled_reason: str,
-    retrying: bool = False,
-    now: datetime | None = None,
-) -> None:
-    """Write the notification rows of one completion, inside its fenced transaction.
+def write_completion_notifications(completions: list[Any], now: datetime) -> None:
+    """Write the notification rows of completions (`notifications.writing.Completion`), inside
+    their fenced transaction, after the execution and job rows are written and before it
+    commits, so a message exists exactly when its completion does: once per completed
+    execution, however many one transaction completes. Delivery is queued when it commits."""
+    from notifications.writing import write_completions
 
-    Called by `move_on` after the execution and job rows are written and before the transaction
-    commits, so a message exists exactly when the completion does: once per completed execution,
-    also when `complete_many` completes several in one transaction (`job` is the row as read at
-    the start of the completion). `retrying` says a failed attempt will be retried: only the
-    occurrence's final attempt reports a failure; `now` is the completion's database time.
-    Result messages follow the job's notify settings, NOTHING_TO_REPORT sends nothing, and the
-    owner is told when `disabled_reason` disables the job. Delivery is queued when the
-    transaction commits.
-    """
-    from notifications.writing import write_completion_rows
-
-    write_completion_rows(
-        job=job,
-        execution_id=execution_id,
-        status=status,
-        output=output,
-        error=error,
-        disabled_reason=disabled_reason,
-        retrying=retrying,
-        now=now,
-    )
+    write_completions(completions, now)
 
 
 # --- recovery and retention --------------------------------------------------------------------

@@ -71,9 +71,11 @@ RELISTEN_SECS = 5.0
 COMPLETION_RETRY_SECS = 0.5
 # How long a claim waits for more slots to free when only a few are (see `handle_one_claim`).
 CLAIM_GATHER_SECS = 0.005
-# Completion batches (see `Completer`): at most this many runs, the first waiting at most this.
+# Completion batches (see `Completer`): at most this many runs; written once no other run has
+# finished for COMPLETION_GAP_SECS, and the first never waits more than COMPLETION_FLUSH_SECS.
 COMPLETION_BATCH = 32
-COMPLETION_FLUSH_SECS = 0.005
+COMPLETION_GAP_SECS = 0.003
+COMPLETION_FLUSH_SECS = 0.025
 
 
 def _keep_connection_if_clean() -> None:
@@ -151,9 +153,11 @@ def _note(status: str) -> str:
 class Completer:
     """One thread per worker that records finished runs in batches (`claims.complete_many`).
 
-    A batch is written as soon as every run still going has finished into it, or when the
-    first of it has waited `COMPLETION_FLUSH_SECS`, or at `COMPLETION_BATCH` runs: one
-    transaction then serves several runs. `recorded` is called with each batch once it is
+    A batch is written as soon as every run still going has finished into it, or once no run
+    has finished for `COMPLETION_GAP_SECS` (runs that end together, as a claim's instant
+    answers do, go in one batch; one ending alone waits only that long), or when the first of
+    it has waited `COMPLETION_FLUSH_SECS`, or at `COMPLETION_BATCH` runs: one transaction then
+    serves several runs. `recorded` is called with each batch once it is
     written (or could not be: the leases then run out and recovery takes the runs over).
     """
 
@@ -182,8 +186,9 @@ class Completer:
             batch = [first]
             flush_at = time.monotonic() + COMPLETION_FLUSH_SECS
             while len(batch) < min(COMPLETION_BATCH, self._busy()):
+                wait = min(COMPLETION_GAP_SECS, flush_at - time.monotonic())
                 try:
-                    item = self._queue.get(timeout=max(0.0, flush_at - time.monotonic()))
+                    item = self._queue.get(timeout=max(0.0, wait))
                 except queue.Empty:
                     break
                 if item is None:
