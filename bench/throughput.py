@@ -4,7 +4,7 @@
 MODE is `floor` (bench/floor.py: bare SQL, batches of 16), `nomodel` (the worker with the agent
 loop replaced by an instant answer) or `scripted` (the worker against the scripted model
 server). Workers get 16 execution slots in total (`--concurrency 16`, or 4 each for four), with
-`max_concurrent = 16`. The workers are started first and the jobs made due once they are idle,
+`max_concurrent = 16`. The jobs notify nobody unless BENCH_NOTIFY=1. The workers are started first and the jobs made due once they are idle,
 so start-up is not measured. Prints one JSON line: executions per second (first start to last
 finish, database clock), and for workers CPU ms, statements and commits per run, counted in
 their processes (bench/worker.py).
@@ -28,6 +28,9 @@ from bench.scenario import CONFIG, ROOT, add_jobs, reset, setup
 JOBS = int(os.environ.get("BENCH_BURST_JOBS", "800"))
 FLOOR_BATCH = 16
 WORKER_START_SECS = float(os.environ.get("BENCH_WORKER_START_SECS", "6"))
+# BENCH_NOTIFY=1: the jobs keep the default notify_on, so each run also writes a (console)
+# notification and queues its delivery task.
+NOTIFY = os.environ.get("BENCH_NOTIFY") == "1"
 
 
 def _span(expected: int, timeout: float) -> tuple[int, float]:
@@ -75,6 +78,9 @@ def workers(url: str, mode: str, processes: int, env: dict[str, str]) -> dict[st
     from schedules.models import Job
 
     add_jobs(reset(), JOBS, db_now() + timedelta(hours=1), 0)
+    if not NOTIFY:
+        # Like the floor, which writes no notification: the scheduler's own cost per run.
+        Job.objects.update(notify_on=[])
     with tempfile.TemporaryDirectory() as tmp:
         counts = Path(tmp) / "counts.jsonl"
         child_env = {**env, "BENCH_COUNTS_FILE": str(counts)}
