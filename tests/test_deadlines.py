@@ -1,9 +1,11 @@
 """The run's deadline, the tool's limit and a cancel stop a blocked socket read at once, however
-slowly the server trickles its answer (real sockets; a server sending a byte at a time). Bounds
-are checked only against the trickle they cut short (40 s), never as timings."""
+slowly the server trickles its answer (real sockets; a server sending a byte at a time), and a
+cancel stops a connect that hangs (a local listener whose backlog is full). Bounds are checked
+only against the wait they cut short (40 s), never as timings."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -104,6 +106,58 @@ def test_a_cancel_stops_a_trickling_answer(make_user, trickling) -> None:
     try:
         with pytest.raises(Cancelled):
             fetch(make_user(), trickling, control)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < BOUND_SECS
+    assert ToolCall.objects.get().error == "stopped: cancelled by the owner"
+
+
+class FullListener:
+    """A local listening socket whose accept queue is full: the kernel drops further SYNs, so
+    a connect to it hangs (each attempt retried with backoff) until it gives up."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = self.listener.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        while len(self.fillers) < 16:
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(filler)
+            poller = select.poll()
+            poller.register(filler, select.POLLOUT)
+            if not poller.poll(500):  # this one hangs: the queue is full
+                return
+        raise AssertionError("the listener's accept queue never filled")
+
+    def close(self) -> None:
+        for sock in [*self.fillers, self.listener]:
+            sock.close()
+
+
+@pytest.fixture
+def full_listener() -> Iterator[FullListener]:
+    listener = FullListener()
+    yield listener
+    listener.close()
+
+
+def test_a_cancel_stops_a_connect_that_hangs(make_user, full_listener, monkeypatch) -> None:
+    monkeypatch.setattr(http_fetch.HttpFetch, "timeout_secs", TRICKLE_SECS)
+    control = RunControl()
+    context = ToolContext(
+        user=make_user(), capabilities=CapabilitySet(["net:127.0.0.1"]), control=control
+    )
+    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            url = f"http://127.0.0.1:{full_listener.port}/"
+            kernel.invoke("http_fetch", {"url": url}, context)
     finally:
         timer.cancel()
     assert time.monotonic() - started < BOUND_SECS

@@ -4,6 +4,7 @@ to. Checked on the rule itself and through http_fetch with a recording connect."
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from typing import Any
@@ -109,7 +110,12 @@ def recorded_connects(monkeypatch) -> list[Any]:
         attempts.append(address)
         raise ConnectionRefusedError("recording connect")
 
+    def recording_ex(sock: socket.socket, address: Any) -> int:
+        attempts.append(address)
+        return errno.ECONNREFUSED
+
     monkeypatch.setattr(socket.socket, "connect", recording)
+    monkeypatch.setattr(socket.socket, "connect_ex", recording_ex)
     return attempts
 
 
@@ -142,3 +148,21 @@ def test_a_grant_naming_a_link_local_literal_still_cannot_reach_it(
     assert result.decision == "error"
     assert "never reachable" in result.content
     assert recorded_connects == []
+
+
+@pytest.mark.django_db
+def test_the_recorder_sees_a_connect_to_an_allowed_public_address(
+    make_user, monkeypatch, recorded_connects
+) -> None:
+    """The tests above assert that no connect was seen: this one shows one would be."""
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda host, port, *a, **k: [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))
+        ],
+    )
+    context = ToolContext(user=make_user(), capabilities=CapabilitySet(["net:example.com"]))
+    result = kernel.invoke("http_fetch", {"url": "http://example.com/"}, context)
+    assert result.decision == "error" and "connection refused" in result.content
+    assert recorded_connects == [("93.184.216.34", 80)]

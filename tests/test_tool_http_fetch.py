@@ -252,7 +252,7 @@ def test_the_resolved_address_is_pinned_for_the_request(
     make_user, server, other_server, monkeypatch
 ) -> None:
     """A second DNS answer (rebinding) must not change where the request goes."""
-    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.create_connection
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect_ex
     answers = 0
     first, second = "93.184.216.34", "93.184.216.35"  # public: the address rule lets them by
     routes = {first: server.port, second: other_server.port}
@@ -267,12 +267,12 @@ def test_the_resolved_address_is_pinned_for_the_request(
             (socket.AF_INET, socket.SOCK_STREAM, 6, "", (first if answers == 1 else second, port))
         ]
 
-    def recording_connect(address: Any, *args: Any, **kwargs: Any) -> Any:
+    def recording_connect(sock: socket.socket, address: Any) -> Any:
         connected.append(address[0])
-        return real_connect(("127.0.0.1", routes[address[0]]), *args, **kwargs)
+        return real_connect(sock, ("127.0.0.1", routes[address[0]]))
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    monkeypatch.setattr(socket, "create_connection", recording_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", recording_connect)
     result = fetch(make_user(), ["net:rebind.test"], f"http://rebind.test:{server.port}/pinned")
     assert result.decision == "allowed", result.content
     assert connected == [first]

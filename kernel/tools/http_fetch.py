@@ -15,7 +15,6 @@ import ipaddress
 import re
 import socket
 import ssl
-import threading
 import time
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -23,6 +22,7 @@ from urllib.parse import urljoin, urlsplit
 from kernel.context import DeadlineExceeded, RunControl, ToolContext
 from kernel.netpolicy import Address, AddressRefused, resolve_allowed
 from kernel.permissions import InvalidPermission, Permission, parse_permission
+from kernel.sockets import SocketWatch, connect
 from kernel.tools import Tool, ToolError, ToolPermissionDenied, register
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -82,7 +82,11 @@ def resolve(target: Target, context: ToolContext) -> Address:
         raise ToolError(str(exc).replace(target.connect_name, target.host, 1)) from None
 
 
-def _connection(target: Target, address: Address, timeout: float) -> http.client.HTTPConnection:
+def _connection(
+    target: Target, address: Address, timeout: float, watch: SocketWatch
+) -> tuple[http.client.HTTPConnection, list[socket.socket]]:
+    """The hop's connection, and a list that will hold the handle `watch` watches once the
+    connection is made (the caller unwatches and closes it)."""
     connection: http.client.HTTPConnection
     if target.scheme == "https":
         connection = http.client.HTTPSConnection(
@@ -90,13 +94,19 @@ def _connection(target: Target, address: Address, timeout: float) -> http.client
         )
     else:
         connection = http.client.HTTPConnection(target.connect_name, target.port, timeout=timeout)
+    handles: list[socket.socket] = []
 
     def connect_pinned(_address: Any, timeout: Any = None, source_address: Any = None) -> Any:
         # Pin: connect to the address checked above, never to a fresh resolution of the name.
-        return socket.create_connection((str(address), target.port), timeout, source_address)
+        # The watch sees the connect, the TLS handshake and the exchange (`sockets.connect`).
+        sock, handle = connect(
+            (str(address), target.port), timeout, watch, source_address=source_address
+        )
+        handles.append(handle)
+        return sock
 
     connection._create_connection = connect_pinned  # type: ignore[attr-defined]
-    return connection
+    return connection, handles
 
 
 class HttpFetch(Tool):
@@ -135,34 +145,32 @@ class HttpFetch(Tool):
         self, target: Target, address: Address, context: ToolContext
     ) -> tuple[int, dict[str, str], bytes, bool]:
         """One request and its answer. The run's deadline (or the tool's limit, whichever is
-        first) and a cancel shut the socket down from another thread, so a server that
-        trickles its headers or body a byte at a time cannot hold the call past them."""
+        first) and a cancel shut the socket down from another thread, so neither a connect that
+        hangs nor a server that trickles its headers or body a byte at a time can hold the call
+        past them."""
         control = context.control
         control.check()
-        connection = _connection(target, address, max(0.1, control.bounded(self.timeout_secs)))
-        interrupted = threading.Event()
-
-        def interrupt() -> None:
-            interrupted.set()
-            sock = connection.sock
-            if sock is not None:
-                # The plain socket's shutdown, also under TLS: the blocked read returns at once.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
+        watch = SocketWatch()
+        connection, handles = _connection(
+            target, address, max(0.1, control.bounded(self.timeout_secs)), watch
+        )
         try:
-            with control.interrupting(interrupt):
+            with control.interrupting(watch.interrupt):
                 answer = self._exchange(connection, target, control)
-            if interrupted.is_set():  # the shutdown read as the end of the body: not an answer
+            if watch.interrupted:  # the shutdown read as the end of the body: not an answer
                 control.check()
                 raise DeadlineExceeded("the deadline passed")
             return answer
         except (OSError, http.client.HTTPException) as exc:
             control.check()
-            if interrupted.is_set():  # the timer fired a hair before the deadline it stands for
+            if watch.interrupted:  # the timer fired a hair before the deadline it stands for
                 raise DeadlineExceeded("the deadline passed") from None
             raise ToolError(f"fetching {target.host} failed ({_why(exc)})") from None
         finally:
+            watch.unwatch()
             connection.close()
+            for handle in handles:
+                handle.close()
 
     def _exchange(
         self, connection: http.client.HTTPConnection, target: Target, control: RunControl
