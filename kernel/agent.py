@@ -18,8 +18,10 @@ import openai
 from django.conf import settings
 from opentelemetry import trace
 
-from kernel.context import ToolContext
+from kernel.context import DeadlineExceeded, ToolContext
 from kernel.kernel import ToolResult, kernel
+from kernel.model_http import http_client, watching
+from kernel.sockets import SocketWatch
 from kernel.tools import tool_specs
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,9 @@ def _client(timeout_secs: float) -> openai.OpenAI:
 
     Building a client costs more than a local model answer (a TLS context, a connection pool), and
     a shared one keeps its connections alive between runs. It is thread-safe, and nothing about
-    a run is kept on it: the model, messages and per-request timeout go with each request.
+    a run is kept on it: the model, messages and per-request timeout go with each request. Its
+    HTTP layer (`kernel.model_http`) lets a run's cancel or deadline cut its request short; it
+    never retries on its own (`max_retries=0`), so an interrupted request is not sent again.
     """
     if not model_configured():
         raise ModelNotConfigured()
@@ -93,6 +97,7 @@ def _client(timeout_secs: float) -> openai.OpenAI:
                 project=None,
                 max_retries=0,
                 timeout=timeout_secs,
+                http_client=http_client(),
             )
         return client
 
@@ -170,19 +175,11 @@ def _complete(
     context: ToolContext,
 ) -> Any:
     control = context.control
-    request_timeout = settings.PICOBOT.model.request_timeout_secs
     last_error: Exception | None = None
     for attempt in range(TRANSPORT_ATTEMPTS):
         control.check()
-        kwargs: dict[str, Any] = {"model": settings.PICOBOT_MODEL, "messages": messages}
-        if tools:
-            # As extra_body: the specs are plain JSON already, built once per process; as
-            # `tools=` the client would walk and copy them again on every request.
-            kwargs["extra_body"] = {"tools": tools}
         try:
-            return client.chat.completions.create(
-                **kwargs, timeout=max(0.1, control.bounded(request_timeout))
-            )
+            return _request(client, messages, tools, context)
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             last_error = exc
             control.check()  # a timeout that was really the run's deadline stops the run
@@ -201,6 +198,38 @@ def _complete(
         f"the model endpoint could not be reached after {TRANSPORT_ATTEMPTS} attempts "
         f"({type(last_error).__name__})"
     )
+
+
+def _request(
+    client: openai.OpenAI,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    context: ToolContext,
+) -> Any:
+    """One model request. A cancel or the run's deadline shuts its socket down (connecting,
+    sending or waiting for the answer), so it stops within moments: Cancelled or
+    DeadlineExceeded, never a transport error that would be retried."""
+    control = context.control
+    kwargs: dict[str, Any] = {"model": settings.PICOBOT_MODEL, "messages": messages}
+    if tools:
+        # As extra_body: the specs are plain JSON already, built once per process; as
+        # `tools=` the client would walk and copy them again on every request.
+        kwargs["extra_body"] = {"tools": tools}
+    timeout = max(0.1, control.bounded(settings.PICOBOT.model.request_timeout_secs))
+    watch = SocketWatch()
+    try:
+        with control.interrupting(watch.interrupt), watching(watch):
+            response = client.chat.completions.create(**kwargs, timeout=timeout)
+    except openai.APIConnectionError:
+        if watch.interrupted:
+            control.check()
+            # The timer stands for the deadline and may fire a hair before it.
+            raise DeadlineExceeded("the run's deadline passed") from None
+        raise
+    if watch.interrupted:  # the answer came as the interrupt did: the run stops all the same
+        control.check()
+        raise DeadlineExceeded("the run's deadline passed")
+    return response
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -1,20 +1,109 @@
-"""A run whose cancel was requested never ends `succeeded`, even when its answer arrived first."""
+"""A cancel or the run's deadline stops a model request whose answer is held back, at once and
+without sending it again, in one process and with a real `runworker`; and a run whose cancel was
+requested never ends `succeeded`, even when its answer arrived first. Bounds are checked only
+against the hold they cut short (60 s), never as timings."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from schedules import claims
+from kernel.agent import run_agent
+from kernel.context import Cancelled, DeadlineExceeded, RunControl, ToolContext
+from kernel.permissions import CapabilitySet
+from schedules import claims, lifecycle
 from schedules.claims import Outcome
 from schedules.dbtime import db_now
 from schedules.models import Execution, ExecutionStatus, Job
+from tests.worker_support import Workers, due_job, wait_until
 
 S = ExecutionStatus
 HELD_SECS = 60  # the scripted server's hold limit: every bound below is far under it
+
+
+def agent_context(user: Any, control: RunControl) -> ToolContext:
+    return ToolContext(user=user, capabilities=CapabilitySet(), control=control)
+
+
+@pytest.mark.django_db
+def test_a_cancel_stops_a_model_request_whose_answer_is_held(
+    model_server, make_user, caplog
+) -> None:
+    user = make_user()
+    answer = threading.Event()
+    model_server.add({"content": "warm"}, {"hold": answer, "content": "late"}, {"content": "next"})
+    # The held request goes out on the connection the first one left in the pool.
+    assert run_agent("first", agent_context(user, RunControl())).text == "warm"
+    control = RunControl.with_timeout(HELD_SECS * 2)
+    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            run_agent("held", agent_context(user, control))
+        assert time.monotonic() - started < HELD_SECS / 3
+        assert not answer.is_set()  # the answer never came: the cancel ended the request
+    finally:
+        timer.cancel()
+        answer.set()
+    assert len(model_server.requests) == 2  # not sent again after the interrupt
+    # The interrupted connection left the pool: the next run's request succeeds at its first
+    # attempt, on the same client.
+    with caplog.at_level(logging.WARNING, logger="kernel.agent"):
+        assert run_agent("next", agent_context(user, RunControl())).text == "next"
+    assert "model request failed" not in caplog.text
+    assert len(model_server.requests) == 3
+
+
+@pytest.mark.django_db
+def test_a_cancel_stops_a_model_request_sent_through_a_proxy_from_the_environment(
+    model_server, make_user, settings, monkeypatch
+) -> None:
+    # The scripted server answers the proxy's absolute-form request itself: the endpoint's
+    # name is never resolved, so the request can only have gone through the proxy.
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{model_server.port}")
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    settings.PICOBOT_MODEL_BASE_URL = "http://model.proxied.test/v1"
+    answer = threading.Event()
+    model_server.add({"hold": answer, "content": "late"})
+    control = RunControl.with_timeout(HELD_SECS * 2)
+    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            run_agent("held", agent_context(make_user(), control))
+        assert time.monotonic() - started < HELD_SECS / 3
+        assert not answer.is_set()
+    finally:
+        timer.cancel()
+        answer.set()
+    assert len(model_server.requests) == 1
+
+
+@pytest.mark.django_db
+def test_the_runs_deadline_stops_a_model_request_whose_answer_is_held(
+    model_server, make_user
+) -> None:
+    answer = threading.Event()
+    model_server.add({"hold": answer, "content": "late"})
+    started = time.monotonic()
+    try:
+        with pytest.raises(DeadlineExceeded):
+            run_agent("held", agent_context(make_user(), RunControl.with_timeout(1)))
+        assert time.monotonic() - started < HELD_SECS / 3
+        assert not answer.is_set()
+    finally:
+        answer.set()
+    assert len(model_server.requests) == 1
 
 
 @pytest.fixture
@@ -67,3 +156,41 @@ def test_in_a_batch_only_the_run_whose_cancel_was_requested_becomes_cancelled(
     assert claims.complete_many(done) == [S.CANCELLED, S.SUCCEEDED]
     assert Execution.objects.get(pk=claimed.execution_id).status == S.CANCELLED
     assert Execution.objects.get(pk=other.execution_id).status == S.SUCCEEDED
+
+
+@pytest.fixture
+def workers(tmp_path: Path, model_server: Any) -> Iterator[Callable[..., Workers]]:
+    made: list[Workers] = []
+
+    def make(**scheduler: Any) -> Workers:
+        made.append(Workers(tmp_path, model_server.base_url, **scheduler))
+        return made[-1]
+
+    yield make
+    for group in made:
+        group.stop_all()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_real_worker_cancels_a_run_whose_model_answer_is_held(
+    make_user, workers, model_server
+) -> None:
+    answer = threading.Event()
+    model_server.add({"hold": answer, "content": "this answer must not win"})
+    model_server.reply_always("should not be asked")
+    job = due_job(make_user(), timeout_secs=600)
+    workers().start(worker_id="w-cancel")
+    try:
+        wait_until(lambda: len(model_server.requests) >= 1, 30, "the run to reach the model")
+        assert lifecycle.request_cancel(job) is not None
+        final = wait_until(
+            lambda: Execution.objects.filter(job=job).exclude(status=S.RUNNING).first(),
+            HELD_SECS / 2,
+            "the cancelled run to end while its answer is still held",
+        )
+        assert not answer.is_set()
+    finally:
+        answer.set()
+    assert (final.status, final.error) == (S.CANCELLED, "cancelled on request")
+    assert len(model_server.requests) == 1
