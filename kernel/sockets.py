@@ -15,8 +15,8 @@ import socket
 import threading
 import time
 
-# How often a connect in progress looks at the watch, in case an interrupt came in the instant
-# between watching the socket and the kernel starting the connect (a shutdown there is lost).
+# How often a connect in progress looks at the watch as well: the shutdown wakes the poll, and
+# this bounds the wait should some kernel not report a shutdown made before the connect began.
 CONNECT_POLL_SECS = 0.25
 
 
@@ -104,8 +104,9 @@ def connect(
 def _connect(
     sock: socket.socket, target: tuple[object, ...], deadline: float | None, watch: SocketWatch
 ) -> None:
-    # Non-blocking, polled: a shutdown wakes the poll at once, and the watch's flag is looked
-    # at between polls in case the shutdown came before the connect began.
+    # Non-blocking, polled: a shutdown wakes the poll at once (Linux reports a shutdown made
+    # even before the connect began as a hang-up), and the watch's flag is looked at between
+    # polls and after the wake-up, since an aborted connect may report no error.
     sock.setblocking(False)
     error = sock.connect_ex(target)
     if error == errno.EINPROGRESS:
@@ -120,7 +121,7 @@ def _connect(
             if poller.poll(min(left, CONNECT_POLL_SECS) * 1000):
                 break
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if watch.interrupted:  # an aborted connect may report no error
+    if watch.interrupted:
         raise ConnectionAbortedError("the connect was interrupted")
     if error:
         raise OSError(error, os.strerror(error))

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from kernel import sockets
 from kernel.context import Cancelled, DeadlineExceeded, RunControl, ToolContext
 from kernel.kernel import kernel
 from kernel.models import ToolCall
@@ -162,3 +163,15 @@ def test_a_cancel_stops_a_connect_that_hangs(make_user, full_listener, monkeypat
         timer.cancel()
     assert time.monotonic() - started < BOUND_SECS
     assert ToolCall.objects.get().error == "stopped: cancelled by the owner"
+
+
+def test_a_connect_made_after_the_interrupt_fails_at_once(full_listener) -> None:
+    """An interrupt that comes before the connect begins is still seen (the socket then reports
+    a hang-up and no error): the connect gives up instead of returning a dead connection or
+    waiting out its timeout."""
+    watch = sockets.SocketWatch()
+    watch.interrupt()
+    started = time.monotonic()
+    with pytest.raises(ConnectionAbortedError):
+        sockets.connect(("127.0.0.1", full_listener.port), TRICKLE_SECS, watch)
+    assert time.monotonic() - started < BOUND_SECS
