@@ -231,6 +231,12 @@ class ToolCall(models.Model):
             models.Index(fields=["execution", "id"], name="toolcall_execution_idx"),
             models.Index(fields=["session", "id"], name="toolcall_session_idx"),
             models.Index(fields=["created_at"], name="toolcall_created_idx"),
+            # The few calls in progress, for finding those a dead process left behind.
+            models.Index(
+                fields=["created_at"],
+                condition=models.Q(status="started"),
+                name="toolcall_started_idx",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -4,7 +4,8 @@ A tool that starts a process group records its id and the leader's start time (c
 since boot, from /proc) with this host's identity (host name and boot id) on the `ToolCall`
 row. When recovery finds a run whose worker stopped, `interrupt_calls` marks the run's calls
 that never completed `interrupted` and, on the same host and boot, kills what is left of their
-groups. A recorded id is trusted only as far as it can be proven ours: the leader, if it still
+groups; `interrupt_abandoned_chat_calls` does the same for chat calls still `started` long after
+any turn could have ended (their web process died mid-turn). A recorded id is trusted only as far as it can be proven ours: the leader, if it still
 exists, must have the recorded start time; members must belong to the group, have started no
 earlier than the leader did, and run as our user (so a reused id is never killed).
 """
@@ -15,7 +16,11 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Iterable
+from datetime import timedelta
 from functools import cache
+
+from django.utils import timezone
 
 from kernel.models import ToolCall, ToolCallStatus
 
@@ -95,16 +100,31 @@ def reap_group(group: int, leader_started: int) -> int:
 
 def interrupt_calls(execution_id: int) -> int:
     """Mark the execution's calls still `started` as interrupted, reaping their processes."""
-    rows = list(ToolCall.objects.filter(execution_id=execution_id, status=ToolCallStatus.STARTED))
-    for row in rows:
+    rows = ToolCall.objects.filter(execution_id=execution_id, status=ToolCallStatus.STARTED)
+    return _interrupt(rows, "its worker stopped during the call", f"of execution {execution_id}")
+
+
+def interrupt_abandoned_chat_calls(older_than_secs: float, limit: int = 100) -> int:
+    """Mark chat calls still `started` after `older_than_secs` (longer than any turn lasts) as
+    interrupted, reaping their processes on this host; at most `limit` at a time."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_secs)
+    rows = ToolCall.objects.filter(
+        status=ToolCallStatus.STARTED, session__isnull=False, created_at__lt=cutoff
+    ).order_by("created_at")[:limit]
+    return _interrupt(rows, "its web process stopped during the call", "of a chat turn")
+
+
+def _interrupt(rows: Iterable[ToolCall], why: str, whose: str) -> int:
+    count = 0
+    for row in list(rows):
         reaped = 0
         if row.process_group and row.process_started_ticks and row.process_host == host_id():
             reaped = reap_group(row.process_group, row.process_started_ticks)
-        note = "interrupted: its worker stopped during the call"
+        note = f"interrupted: {why}"
         if reaped:
             note += f" (killed {reaped} leftover process{'es' if reaped > 1 else ''})"
-        ToolCall.objects.filter(pk=row.pk, status=ToolCallStatus.STARTED).update(
+        count += ToolCall.objects.filter(pk=row.pk, status=ToolCallStatus.STARTED).update(
             status=ToolCallStatus.INTERRUPTED, error=note
         )
-        logger.warning("tool call %s of execution %s: %s", row.pk, execution_id, note)
-    return len(rows)
+        logger.warning("tool call %s %s: %s", row.pk, whose, note)
+    return count

@@ -1,26 +1,41 @@
 """An allowed call's audit row is written before the tool runs; tool processes die with their
-worker, and recovery marks the calls it interrupted and reaps what is left of their processes."""
+worker (or web process), and recovery marks the calls it interrupted and reaps what is left of
+their processes: a run's when its lease is recovered, a chat turn's at the next chat turn once no
+live turn can be that old."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
-from kernel import processes
+from kernel import processes, turns
 from kernel.context import Cancelled, RunControl, ToolContext
 from kernel.kernel import kernel
-from kernel.models import ToolCall, ToolCallStatus
+from kernel.models import ChatSession, ToolCall, ToolCallStatus
 from kernel.permissions import CapabilitySet
 from kernel.tools import Tool, register, shell, unregister
+from kernel.views import CHAT_TIMEOUT_SECS
 from schedules import claims
 from schedules.dbtime import db_now
 from schedules.models import Execution, ExecutionStatus, Job
-from tests.worker_support import Workers, alive, due_job, sleep_child, wait_until
+from tests.worker_support import (
+    ROOT,
+    Workers,
+    alive,
+    database_url,
+    due_job,
+    sleep_child,
+    wait_until,
+)
 
 
 class PeekTool(Tool):
@@ -198,3 +213,100 @@ def test_a_killed_worker_leaves_a_row_and_no_process_and_recovery_marks_it(
     row.refresh_from_db()
     assert row.status == ToolCallStatus.INTERRUPTED and "worker stopped" in row.error
     assert Execution.objects.get(job=job).status == ExecutionStatus.LOST
+
+
+# --- chat calls left `started` by a web process that died ---------------------------------------
+
+CHAT_CALL_SCRIPT = """
+import sys
+import django
+django.setup()
+from kernel.context import RunControl, ToolContext
+from kernel.kernel import kernel
+from kernel.models import User
+from kernel.permissions import CapabilitySet
+user = User.objects.get(pk=int(sys.argv[1]))
+context = ToolContext(user=user, capabilities=CapabilitySet(["shell:sleep"]),
+                      control=RunControl.with_timeout(300), session_id=int(sys.argv[2]))
+kernel.invoke("shell", {"command": "sleep", "args": [sys.argv[3]]}, context)
+"""
+
+
+def _chat_row(session: ChatSession, age_secs: float, **fields: Any) -> ToolCall:
+    row = ToolCall.objects.create(
+        session=session, tool="shell", decision="allowed", status=ToolCallStatus.STARTED, **fields
+    )
+    ToolCall.objects.filter(pk=row.pk).update(
+        created_at=timezone.now() - timedelta(seconds=age_secs)
+    )
+    return row
+
+
+@pytest.mark.django_db
+def test_chat_calls_started_longer_ago_than_any_turn_lasts_are_interrupted_and_reaped(
+    make_user,
+) -> None:
+    owner = make_user()
+    session = ChatSession.objects.create(owner=owner)
+    survivor = own_group_sleep("43.5")
+    try:
+        abandoned = _chat_row(
+            session,
+            turns.TURN_LEASE_SECS + 1,
+            process_group=survivor.pid,
+            process_started_ticks=processes.start_ticks(survivor.pid),
+            process_host=processes.host_id(),
+        )
+        live = _chat_row(session, CHAT_TIMEOUT_SECS)  # a turn at its deadline
+        scheduled = _started_row(_execution(owner), 0, None)  # recovery of runs handles these
+        ToolCall.objects.filter(pk=scheduled.pk).update(created_at=abandoned.created_at)
+        assert processes.interrupt_abandoned_chat_calls(turns.TURN_LEASE_SECS) == 1
+        survivor.wait(timeout=10)
+        assert survivor.returncode == -signal.SIGKILL
+    finally:
+        survivor.kill()
+    statuses = dict(ToolCall.objects.values_list("pk", "status"))
+    assert statuses == {abandoned.pk: "interrupted", live.pk: "started", scheduled.pk: "started"}
+    abandoned.refresh_from_db()
+    assert "web process stopped" in abandoned.error and "killed 1" in abandoned.error
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_a_killed_web_process_leaves_a_row_that_the_next_chat_turn_marks(
+    make_user, api_client_for, model_server, monkeypatch
+) -> None:
+    owner = make_user(grant=["shell:sleep"])
+    session = ChatSession.objects.create(owner=owner, capabilities=["shell:sleep"])
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": database_url()}
+    seconds = f"44.{os.getpid()}"
+    web = subprocess.Popen(
+        [sys.executable, "-c", CHAT_CALL_SCRIPT, str(owner.pk), str(session.pk), seconds],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        sleeper = wait_until(lambda: sleep_child(web.pid, seconds), 30, "the shell subprocess")
+        row = wait_until(
+            lambda: ToolCall.objects.filter(session=session, process_group__isnull=False).first(),
+            30,
+            "the audit row to record the process",
+        )
+        web.kill()
+        web.wait()
+    finally:
+        if web.poll() is None:
+            web.kill()
+    wait_until(lambda: not alive(sleeper), 10, "the sleep to die with its process")
+    # Time passes beyond any turn's length (moved explicitly, not slept on).
+    ToolCall.objects.filter(pk=row.pk).update(
+        created_at=timezone.now() - timedelta(seconds=turns.TURN_LEASE_SECS + 1)
+    )
+    row.refresh_from_db()
+    assert row.status == ToolCallStatus.STARTED
+    monkeypatch.setattr(turns, "_next_look", 0.0)  # this process has not looked yet
+    model_server.reply_always("hello")
+    response = api_client_for(owner).post("/api/v1/chat", {"message": "hi"}, format="json")
+    assert response.status_code == 200, response.content
+    row.refresh_from_db()
+    assert row.status == ToolCallStatus.INTERRUPTED and "web process stopped" in row.error
