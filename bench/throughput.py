@@ -109,11 +109,17 @@ def workers(url: str, mode: str, processes: int, env: dict[str, str]) -> dict[st
             for proc in procs:
                 proc.wait(timeout=120)
         rows = [json.loads(line) for line in counts.read_text().splitlines()]
+    total = {key: sum(r[key] for r in rows) for key in rows[0]}
+    claims = max(1, total["claims"])
     return {
         "execs_per_sec": round(runs / span, 1),
-        "cpu_ms_per_run": round(sum(r["cpu_secs"] for r in rows) * 1000 / runs, 3),
-        "statements_per_run": round(sum(r["statements"] for r in rows) / runs, 2),
-        "commits_per_run": round(sum(r["commits"] for r in rows) / runs, 2),
+        "cpu_ms_per_run": round(total["cpu_secs"] * 1000 / runs, 3),
+        "statements_per_run": round(total["statements"] / runs, 2),
+        "commits_per_run": round(total["commits"] / runs, 2),
+        "runs_per_claim": round(total["claimed"] / claims, 1),
+        "runs_per_completion": round(total["completed"] / max(1, total["completions"]), 1),
+        "lock_wait_ms_per_claim": round(total["lock_wait"] * 1000 / claims, 2),
+        "lock_hold_ms_per_claim": round(total["lock_hold"] * 1000 / claims, 2),
     }
 
 

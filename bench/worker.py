@@ -20,6 +20,11 @@ from typing import Any
 
 _lock = threading.Lock()
 _counts = {"on": False, "statements": 0, "commits": 0, "cpu": 0.0}
+# Claims and completion batches: how many, how many runs they carried, and the wall time a
+# claim waited for the claim lock and then held it (PostgreSQL's advisory lock; SQLite's
+# writer lock is taken with the transaction, so there the wait is not seen separately).
+_batches = {"claims": 0, "claimed": 0, "lock_wait": 0.0, "lock_hold": 0.0}
+_batches |= {"completions": 0, "completed": 0}
 
 
 def _count(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
@@ -54,8 +59,47 @@ def _install_counters() -> None:
 
     def start(signum: int, frame: Any) -> None:
         _counts.update(on=True, statements=0, commits=0, cpu=time.process_time())
+        _batches.update(dict.fromkeys(_batches, 0))
+
+    _install_batch_counters()
 
     signal.signal(signal.SIGUSR2, start)
+
+
+def _install_batch_counters() -> None:
+    from schedules import claims
+
+    serialise, claim_due, complete_many = (
+        claims._serialise_claimers,
+        claims.claim_due,
+        claims.complete_many,
+    )
+    locked = threading.local()
+
+    def timed_serialise() -> Any:
+        begin = time.monotonic()
+        now = serialise()
+        locked.at = time.monotonic()
+        _batches["lock_wait"] += locked.at - begin
+        return now
+
+    def timed_claim(*args: Any, **kwargs: Any) -> Any:
+        locked.at = None
+        result = claim_due(*args, **kwargs)
+        if locked.at is not None:  # the lock is released when claim_due's transaction ends
+            _batches["lock_hold"] += time.monotonic() - locked.at
+        _batches["claims"] += 1
+        _batches["claimed"] += len(result.claims)
+        return result
+
+    def counted_complete(done: list[Any]) -> Any:
+        _batches["completions"] += 1
+        _batches["completed"] += len(done)
+        return complete_many(done)
+
+    claims._serialise_claimers = timed_serialise
+    claims.claim_due = timed_claim
+    claims.complete_many = counted_complete
 
 
 def _without_model() -> None:
@@ -74,6 +118,7 @@ def _report() -> None:
         return
     cpu = time.process_time() - _counts["cpu"] if _counts["on"] else 0.0
     row = {"statements": _counts["statements"], "commits": _counts["commits"], "cpu_secs": cpu}
+    row |= _batches
     with open(path, "a") as out:
         out.write(json.dumps(row) + "\n")
 

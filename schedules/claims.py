@@ -99,8 +99,8 @@ class Claim:
     timeout_secs: int
     started_at: datetime
     lag_secs: float
-    # The owner row, read with the claimed job so the run need not fetch it again (None: the
-    # executor reads it).
+    # The owner row, read right after the claim commits so the run need not fetch it again
+    # (None: the executor reads it).
     owner: Any = field(default=None, compare=False, repr=False)
 
 
@@ -161,6 +161,9 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
         planned = [(job, start) for job in jobs if (start := _start(job, now)) is not None]
         result.skipped += len(jobs) - len(planned)
         result.claims.extend(_insert_runs(planned, worker_id, now))
+    # The owners are read after the commit, so the claim lock is not held for it.
+    owners = _owners({claim.owner_id for claim in result.claims}) if result.claims else {}
+    result.claims = [replace(c, owner=owners.get(c.owner_id)) for c in result.claims]
     for claim in result.claims:
         metrics.CLAIMS.inc()
         metrics.EXECUTION_LAG.labels(claim.schedule_type).observe(claim.lag_secs)
@@ -301,9 +304,6 @@ def _claim_rows(job_ids: list[int], worker_id: str, cutoff: datetime) -> tuple[l
     jobs = list(Job.objects.raw(sql, params))
     if not jobs:
         return [], db_now()
-    owners = _owners({job.owner_id for job in jobs})
-    for job in jobs:
-        job.owner = owners[job.owner_id]
     jobs.sort(key=lambda job: (job.next_run_at, job.pk))
     return jobs, jobs[0].claimed_at
 
@@ -411,7 +411,6 @@ def _claim_of(job: Job, start: _Start, execution_id: int, now: datetime) -> Clai
         timeout_secs=job.timeout_secs,
         started_at=now,
         lag_secs=max(0.0, (now - job.next_run_at).total_seconds()),
-        owner=job.owner,
     )
 
 
