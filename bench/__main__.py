@@ -68,6 +68,10 @@ def load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+THROUGHPUT_KEYS = ("execs_per_sec", "cpu_ms_per_run", "statements_per_run", "commits_per_run")
+THROUGHPUT_KEYS += ("runs_per_claim", "lock_wait_ms_per_claim", "lock_hold_ms_per_claim")
+
+
 def throughput(databases: list[tuple[str, str]]) -> dict[tuple[str, str, int], dict[str, float]]:
     samples: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for repeat in range(REPEATS):
@@ -76,9 +80,8 @@ def throughput(databases: list[tuple[str, str]]) -> dict[tuple[str, str, int], d
                 [row] = run("bench.throughput", url, mode, str(processes))
                 print(repeat, name, row, flush=True)
                 samples[(name, mode, processes)].append(row)
-    keys = ("execs_per_sec", "cpu_ms_per_run", "statements_per_run", "commits_per_run")
     return {
-        point: {key: statistics.median(r[key] for r in rows) for key in keys}
+        point: {key: statistics.median(r.get(key, 0) for r in rows) for key in THROUGHPUT_KEYS}
         for point, rows in samples.items()
     }
 
@@ -86,8 +89,8 @@ def throughput(databases: list[tuple[str, str]]) -> dict[tuple[str, str, int], d
 def throughput_table(medians: dict[tuple[str, str, int], dict[str, float]]) -> list[str]:
     lines = [
         "| database | what | processes | execs/s | of the floor | CPU ms/run | statements/run "
-        "| commits/run |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| commits/run | runs/claim | claim lock wait / hold (ms) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     labels = {"floor": "bare-SQL floor", "nomodel": "worker, no model", "scripted": "worker, "}
     labels["scripted"] += "scripted model"
@@ -96,7 +99,13 @@ def throughput_table(medians: dict[tuple[str, str, int], dict[str, float]]) -> l
         lines.append(
             f"| {name} | {labels[mode]} | {processes} | {m['execs_per_sec']:.0f} "
             f"| {100 * m['execs_per_sec'] / floor:.1f} % | {m['cpu_ms_per_run']:.2f} "
-            f"| {m['statements_per_run']:.2f} | {m['commits_per_run']:.2f} |"
+            f"| {m['statements_per_run']:.2f} | {m['commits_per_run']:.2f} "
+            + (
+                "| — | — |"
+                if mode == "floor"
+                else f"| {m['runs_per_claim']:.1f} | {m['lock_wait_ms_per_claim']:.1f} / "
+                f"{m['lock_hold_ms_per_claim']:.1f} |"
+            )
         )
     return lines
 
