@@ -141,6 +141,25 @@ class ApiKey(models.Model):
         return updated == 1
 
 
+class ThrottleWindow(models.Model):
+    """How many requests one API key made in the current window of one throttle scope
+    (`kernel.rest`). A new window overwrites the row, so there is at most one row per key and
+    scope, whatever the traffic."""
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="+")
+    scope = models.CharField(max_length=32)
+    window_start_secs = models.BigIntegerField(help_text="Unix time the window began.")
+    hits = models.PositiveIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["api_key", "scope"], name="throttle_window_key_scope")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope} throttle of key {self.api_key_id}: {self.hits}"
+
+
 class ChatSession(models.Model):
     """An interactive conversation: its capabilities are fixed when it is created.
 
