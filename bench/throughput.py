@@ -31,6 +31,9 @@ WORKER_START_SECS = float(os.environ.get("BENCH_WORKER_START_SECS", "6"))
 # BENCH_NOTIFY=1: the jobs keep the default notify_on, so each run also writes a (console)
 # notification and queues its delivery task.
 NOTIFY = os.environ.get("BENCH_NOTIFY") == "1"
+# BENCH_SLOTS_PER_WORKER=N: N slots per worker instead of 16 in all (`max_concurrent = 16`
+# still caps the runs at once).
+SLOTS_PER_WORKER = int(os.environ.get("BENCH_SLOTS_PER_WORKER", "0"))
 
 
 def _span(expected: int, timeout: float) -> tuple[int, float]:
@@ -85,7 +88,7 @@ def workers(url: str, mode: str, processes: int, env: dict[str, str]) -> dict[st
         counts = Path(tmp) / "counts.jsonl"
         child_env = {**env, "BENCH_COUNTS_FILE": str(counts)}
         extra = ["--no-model"] if mode == "nomodel" else []
-        extra += ["--concurrency", str(16 // processes)]
+        extra += ["--concurrency", str(SLOTS_PER_WORKER or 16 // processes)]
         procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "bench.worker", *extra, "--worker-id", f"bench{i}"],
