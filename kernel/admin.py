@@ -117,6 +117,12 @@ class PicoUserAdmin(UserAdmin):
             " · ", '<a href="{}">{}</a>', ((url, text) for text, url in targets)
         )
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        # The system principal's grant is `[heartbeats] capabilities`, written by
+        # loadheartbeats: the file is its source of truth, as it is for the heartbeat jobs.
+        fields = tuple(super().get_readonly_fields(request, obj))
+        return (*fields, "grant") if obj is not None and obj.is_system else fields
+
     @admin.display(description="grant")
     def grant_summary(self, obj: User) -> str:
         return ", ".join(obj.grant) or "—"

@@ -65,6 +65,29 @@ def test_an_interpreter_in_a_grant_is_saved_with_a_warning(operator, make_user) 
     assert b"equivalent to shell:*" in response.content
 
 
+def test_the_system_principals_grant_is_the_heartbeat_files_and_read_only_here(
+    operator, make_user
+) -> None:
+    from kernel.models import system_principal
+
+    principal = system_principal()
+    principal.grant = ["schedule:list"]
+    principal.save()
+    page = operator.get(f"/admin/kernel/user/{principal.pk}/change/")
+    assert "grant" not in page.context["adminform"].form.fields
+    operator.post(
+        f"/admin/kernel/user/{principal.pk}/change/",
+        change_form_data(principal, "shell:*\nnet:*"),
+    )
+    assert User.objects.get(pk=principal.pk).grant == ["schedule:list"]
+    # Anyone else's grant is edited here as before.
+    user = make_user("carol")
+    assert (
+        "grant"
+        in operator.get(f"/admin/kernel/user/{user.pk}/change/").context["adminform"].form.fields
+    )
+
+
 def test_a_key_issued_in_the_admin_is_shown_once_and_stored_as_a_digest(
     operator, make_user
 ) -> None:
