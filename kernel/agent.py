@@ -208,7 +208,8 @@ def _request(
 ) -> Any:
     """One model request. A cancel or the run's deadline shuts its socket down (connecting,
     sending or waiting for the answer), so it stops within moments: Cancelled or
-    DeadlineExceeded, never a transport error that would be retried."""
+    DeadlineExceeded, never a transport error that would be retried. An answer that cannot be
+    read as JSON is an AgentError."""
     control = context.control
     kwargs: dict[str, Any] = {"model": settings.PICOBOT_MODEL, "messages": messages}
     if tools:
@@ -220,11 +221,17 @@ def _request(
     try:
         with control.interrupting(watch.interrupt), watching(watch):
             response = client.chat.completions.create(**kwargs, timeout=timeout)
-    except openai.APIConnectionError:
+    except Exception as exc:
         if watch.interrupted:
+            # Whatever the cut-short request raised: a transport error, or a body without a
+            # length that the shutdown ended early and so is not JSON. The timer stands for
+            # the deadline and may fire a hair before it.
             control.check()
-            # The timer stands for the deadline and may fire a hair before it.
             raise DeadlineExceeded("the run's deadline passed") from None
+        if isinstance(exc, ValueError):  # an answer whose body is not JSON (cut short, say)
+            raise AgentError(
+                f"the model endpoint's answer could not be read ({type(exc).__name__})"
+            ) from None
         raise
     if watch.interrupted:  # the answer came as the interrupt did: the run stops all the same
         control.check()

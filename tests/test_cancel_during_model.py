@@ -6,6 +6,7 @@ against the hold they cut short (60 s), never as timings."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from kernel.agent import run_agent
+from kernel.agent import AgentError, run_agent
 from kernel.context import Cancelled, DeadlineExceeded, RunControl, ToolContext
 from kernel.permissions import CapabilitySet
 from schedules import claims, lifecycle
 from schedules.claims import Outcome
 from schedules.dbtime import db_now
 from schedules.models import Execution, ExecutionStatus, Job
+from tests.test_deadlines import FullListener
 from tests.worker_support import Workers, due_job, wait_until
 
 S = ExecutionStatus
@@ -60,6 +62,43 @@ def test_a_cancel_stops_a_model_request_whose_answer_is_held(
         assert run_agent("next", agent_context(user, RunControl())).text == "next"
     assert "model request failed" not in caplog.text
     assert len(model_server.requests) == 3
+
+
+@pytest.mark.django_db
+def test_a_cancel_leaves_another_runs_request_on_the_same_client_alone(
+    model_server, make_user
+) -> None:
+    user = make_user()
+    first, second = threading.Event(), threading.Event()
+    model_server.add({"hold": first, "content": "first"}, {"hold": second, "content": "second"})
+    control = RunControl.with_timeout(HELD_SECS * 2)
+    outcomes: dict[str, Any] = {}
+
+    def run(name: str, run_control: RunControl) -> None:
+        try:
+            outcomes[name] = run_agent(name, agent_context(user, run_control)).text
+        except Exception as exc:
+            outcomes[name] = exc
+
+    runs = [
+        threading.Thread(target=run, args=("cancelled", control)),
+        threading.Thread(target=run, args=("other", RunControl.with_timeout(HELD_SECS * 2))),
+    ]
+    try:
+        for count, thread in enumerate(runs, 1):  # one at a time: the first run gets `first`
+            thread.start()
+            wait_until(lambda n=count: len(model_server.requests) >= n, 30, "the request")
+        control.cancel("cancelled by the owner")
+        runs[0].join(HELD_SECS / 3)
+        assert isinstance(outcomes.get("cancelled"), Cancelled)
+        assert "other" not in outcomes  # still waiting for its answer, on its own connection
+    finally:
+        first.set()
+        second.set()
+        for thread in runs:
+            thread.join(HELD_SECS)
+    assert outcomes["other"] == "second"
+    assert len(model_server.requests) == 2
 
 
 @pytest.mark.django_db
@@ -104,6 +143,114 @@ def test_the_runs_deadline_stops_a_model_request_whose_answer_is_held(
     finally:
         answer.set()
     assert len(model_server.requests) == 1
+
+
+class RawModelServer:
+    """A local endpoint that answers each request with `answer` (raw bytes: status line, headers
+    and as much of the body as it likes), then holds the connection open until `release` is set
+    or closes it at once when `close` is set."""
+
+    def __init__(self, answer: bytes, *, close: bool = False) -> None:
+        self.answer = answer
+        self.close_after = close
+        self.release = threading.Event()
+        self.requests = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with conn:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    received += chunk
+                self.requests += 1
+                conn.sendall(self.answer)
+                if not self.close_after:
+                    self.release.wait(HELD_SECS)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def raw_model(settings: Any) -> Iterator[Callable[..., RawModelServer]]:
+    made: list[RawModelServer] = []
+
+    def make(answer: bytes, **options: Any) -> RawModelServer:
+        made.append(RawModelServer(answer, **options))
+        settings.PICOBOT_MODEL_BASE_URL = f"http://127.0.0.1:{made[-1].port}/v1"
+        settings.PICOBOT_MODEL = "raw-model"
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+# An answer without Content-Length or chunking: its body ends when the connection does, so a
+# shutdown in the middle reads as a complete answer that is not JSON.
+UNDELIMITED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+    b'{"id": "chatcmpl-1", "choices": ['
+)
+
+
+@pytest.mark.django_db
+def test_a_cancel_stops_an_answer_without_a_length_that_has_begun(make_user, raw_model) -> None:
+    server = raw_model(UNDELIMITED)
+    control = RunControl.with_timeout(HELD_SECS * 2)
+    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            run_agent("held", agent_context(make_user(), control))
+        assert time.monotonic() - started < HELD_SECS / 3
+        assert not server.release.is_set()
+    finally:
+        timer.cancel()
+    assert server.requests == 1
+
+
+@pytest.mark.django_db
+def test_an_answer_that_is_not_json_is_a_model_failure(
+    make_user, raw_model, api_client_for
+) -> None:
+    raw_model(UNDELIMITED, close=True)
+    with pytest.raises(AgentError, match="could not be read"):
+        run_agent("hi", agent_context(make_user(), RunControl.with_timeout(HELD_SECS)))
+    owner = make_user()
+    response = api_client_for(owner).post("/api/v1/chat", {"message": "hi"}, format="json")
+    assert response.status_code == 502, response.content
+    assert "could not be read" in response.json()["detail"]
+
+
+@pytest.mark.django_db
+def test_a_cancel_stops_a_model_connect_that_hangs(make_user, settings) -> None:
+    listener = FullListener()  # its accept queue is full: a connect to it hangs
+    settings.PICOBOT_MODEL_BASE_URL = f"http://127.0.0.1:{listener.port}/v1"
+    settings.PICOBOT_MODEL = "unreachable-model"
+    control = RunControl.with_timeout(HELD_SECS * 2)
+    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            run_agent("hi", agent_context(make_user(), control))
+        assert time.monotonic() - started < HELD_SECS / 3
+    finally:
+        timer.cancel()
+        listener.close()
 
 
 @pytest.fixture
