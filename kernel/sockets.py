@@ -3,7 +3,9 @@
 A `SocketWatch` holds the socket one blocking call waits on; `RunControl.interrupting` calls its
 `interrupt()`, which shuts that socket down, so a blocked connect, TLS handshake, read or write
 returns at once however slowly the other end answers (or never does). `connect` makes a TCP
-connection that such an interrupt stops too. `http_fetch` and the model client use both.
+connection that such an interrupt stops too, name resolution included (`wait_for`: the system
+resolver cannot be interrupted, so it runs on a helper thread the caller stops waiting for).
+`http_fetch` and the model client use both.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # How often a connect in progress looks at the watch as well: the shutdown wakes the poll, and
 # this bounds the wait should some kernel not report a shutdown made before the connect began.
@@ -80,7 +86,7 @@ def connect(
     host, port = address
     deadline = None if timeout_secs is None else time.monotonic() + timeout_secs
     last_error: OSError | None = None
-    for family, kind, proto, _, target in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+    for family, kind, proto, _, target in _addresses(host, port, watch, deadline):
         sock = socket.socket(family, kind, proto)
         handle = sock.dup()
         watch.watch(handle)
@@ -99,6 +105,53 @@ def connect(
         sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return sock, handle
     raise last_error or OSError(f"no address found for {host}")
+
+
+def _addresses(
+    host: str, port: int, watch: SocketWatch, deadline: float | None
+) -> list[tuple[Any, ...]]:
+    def lookup() -> list[tuple[Any, ...]]:
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:  # a name: the resolver may take its time
+        return wait_for(lookup, watch, deadline)
+    return lookup()  # an IP literal: no lookup, nothing to wait for
+
+
+def wait_for(work: Callable[[], T], watch: SocketWatch, deadline: float | None) -> T:
+    """`work()`'s result (or exception), for a blocking call that nothing can cut short, such
+    as the system resolver's: it runs on a helper thread, and the caller stops waiting once
+    `watch` is interrupted (ConnectionAbortedError) or at `deadline` (TimeoutError), within
+    CONNECT_POLL_SECS. An abandoned call ends on its own (the resolver's own timeout); its
+    result is dropped."""
+    if watch.interrupted:
+        raise ConnectionAbortedError("interrupted")
+    done = threading.Event()
+    outcome: list[tuple[bool, Any]] = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:  # handed to the waiting caller
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name="picobot-resolve", daemon=True).start()
+    while True:
+        left = CONNECT_POLL_SECS if deadline is None else deadline - time.monotonic()
+        if done.wait(max(0.0, min(left, CONNECT_POLL_SECS))):
+            break
+        if watch.interrupted:
+            raise ConnectionAbortedError("interrupted")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("timed out")
+    succeeded, value = outcome[0]
+    if succeeded:
+        return value
+    raise value
 
 
 def _connect(

@@ -1,8 +1,11 @@
-"""Shared fixtures: users with grants and API keys, an API client, config overrides."""
+"""Shared fixtures: users with grants and API keys, an API client, config overrides, a scripted
+model server, a resolver that hangs."""
 
 from __future__ import annotations
 
 import dataclasses
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,3 +67,21 @@ def model_server(settings: Any) -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def hanging_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """The system resolver, for names ending in `.hang.test`, answers only once the event is
+    set (or after 60 s): a DNS server that never replies."""
+    real_getaddrinfo = socket.getaddrinfo
+    answer = threading.Event()
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(host).endswith(".hang.test"):
+            answer.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield answer
+    answer.set()

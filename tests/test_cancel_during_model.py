@@ -236,6 +236,25 @@ def test_an_answer_that_is_not_json_is_a_model_failure(
 
 
 @pytest.mark.django_db
+def test_a_cancel_stops_a_model_request_whose_name_resolution_hangs(
+    make_user, settings, hanging_resolver
+) -> None:
+    settings.PICOBOT_MODEL_BASE_URL = "http://model.hang.test/v1"
+    settings.PICOBOT_MODEL = "unresolved-model"
+    control = RunControl.with_timeout(HELD_SECS * 2)
+    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            run_agent("hi", agent_context(make_user(), control))
+        assert time.monotonic() - started < HELD_SECS / 3
+        assert not hanging_resolver.is_set()
+    finally:
+        timer.cancel()
+
+
+@pytest.mark.django_db
 def test_a_cancel_stops_a_model_connect_that_hangs(make_user, settings) -> None:
     listener = FullListener()  # its accept queue is full: a connect to it hangs
     settings.PICOBOT_MODEL_BASE_URL = f"http://127.0.0.1:{listener.port}/v1"

@@ -1,7 +1,8 @@
 """The run's deadline, the tool's limit and a cancel stop a blocked socket read at once, however
 slowly the server trickles its answer (real sockets; a server sending a byte at a time), and a
-cancel stops a connect that hangs (a local listener whose backlog is full). Bounds are checked
-only against the wait they cut short (40 s), never as timings."""
+cancel stops a connect that hangs (a local listener whose backlog is full) or a name resolution
+that hangs (a resolver stub that never answers). Bounds are checked only against the wait they
+cut short (40 s), never as timings."""
 
 from __future__ import annotations
 
@@ -175,3 +176,34 @@ def test_a_connect_made_after_the_interrupt_fails_at_once(full_listener) -> None
     with pytest.raises(ConnectionAbortedError):
         sockets.connect(("127.0.0.1", full_listener.port), TRICKLE_SECS, watch)
     assert time.monotonic() - started < BOUND_SECS
+
+
+def test_a_cancel_stops_a_name_resolution_that_hangs(make_user, hanging_resolver) -> None:
+    control = RunControl()
+    context = ToolContext(
+        user=make_user(), capabilities=CapabilitySet(["net:slow.hang.test"]), control=control
+    )
+    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            kernel.invoke("http_fetch", {"url": "http://slow.hang.test/"}, context)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < BOUND_SECS
+    assert not hanging_resolver.is_set()
+    assert ToolCall.objects.get().error == "stopped: cancelled by the owner"
+
+
+def test_the_tools_limit_stops_a_name_resolution_that_hangs(
+    make_user, hanging_resolver, monkeypatch
+) -> None:
+    monkeypatch.setattr(http_fetch.HttpFetch, "timeout_secs", 1)
+    context = ToolContext(
+        user=make_user(), capabilities=CapabilitySet(["net:slow.hang.test"]), control=RunControl()
+    )
+    started = time.monotonic()
+    result = kernel.invoke("http_fetch", {"url": "http://slow.hang.test/"}, context)
+    assert time.monotonic() - started < BOUND_SECS
+    assert result.decision == "error" and "timed out" in result.content

@@ -22,7 +22,7 @@ from urllib.parse import urljoin, urlsplit
 from kernel.context import DeadlineExceeded, RunControl, ToolContext
 from kernel.netpolicy import Address, AddressRefused, resolve_allowed
 from kernel.permissions import InvalidPermission, Permission, parse_permission
-from kernel.sockets import SocketWatch, connect
+from kernel.sockets import SocketWatch, connect, wait_for
 from kernel.tools import Tool, ToolError, ToolPermissionDenied, register
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -74,12 +74,25 @@ class Target:
 
 
 def resolve(target: Target, context: ToolContext) -> Address:
-    """The one address this hop connects to, by the project's address rule (`netpolicy`)."""
+    """The one address this hop connects to, by the project's address rule (`netpolicy`). A
+    cancel or the deadline stops the wait for a slow resolver (`sockets.wait_for`)."""
     literal_granted = target.address is not None and context.allows_exactly(target.permission())
-    try:
+    control = context.control
+    watch = SocketWatch()
+
+    def lookup() -> Address:
         return resolve_allowed(target.connect_name, target.port, literal_granted=literal_granted)[0]
+
+    try:
+        if target.address is not None:  # a literal: nothing is looked up
+            return lookup()
+        with control.interrupting(watch.interrupt):
+            return wait_for(lookup, watch, control.deadline)
     except AddressRefused as exc:
         raise ToolError(str(exc).replace(target.connect_name, target.host, 1)) from None
+    except (ConnectionAbortedError, TimeoutError):
+        control.check()
+        raise DeadlineExceeded("the deadline passed") from None
 
 
 def _connection(
