@@ -239,6 +239,7 @@ def _chat_row(session: ChatSession, age_secs: float, **fields: Any) -> ToolCall:
     ToolCall.objects.filter(pk=row.pk).update(
         created_at=timezone.now() - timedelta(seconds=age_secs)
     )
+    row.refresh_from_db()
     return row
 
 
