@@ -255,6 +255,22 @@ def test_a_cancel_stops_a_model_request_whose_name_resolution_hangs(
 
 
 @pytest.mark.django_db
+def test_a_cancel_stops_a_model_tls_handshake_that_hangs(make_user, raw_model, settings) -> None:
+    server = raw_model(b"")  # reads the client's first bytes and never answers
+    settings.PICOBOT_MODEL_BASE_URL = f"https://127.0.0.1:{server.port}/v1"
+    control = RunControl.with_timeout(HELD_SECS * 2)
+    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            run_agent("hi", agent_context(make_user(), control))
+        assert time.monotonic() - started < HELD_SECS / 3
+    finally:
+        timer.cancel()
+
+
+@pytest.mark.django_db
 def test_a_cancel_stops_a_model_connect_that_hangs(make_user, settings) -> None:
     listener = FullListener()  # its accept queue is full: a connect to it hangs
     settings.PICOBOT_MODEL_BASE_URL = f"http://127.0.0.1:{listener.port}/v1"

@@ -178,6 +178,31 @@ def test_a_connect_made_after_the_interrupt_fails_at_once(full_listener) -> None
     assert time.monotonic() - started < BOUND_SECS
 
 
+def test_a_cancel_stops_a_tls_handshake_that_hangs(make_user, monkeypatch) -> None:
+    monkeypatch.setattr(http_fetch.HttpFetch, "timeout_secs", TRICKLE_SECS)
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, and never says a word
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    control = RunControl()
+    context = ToolContext(
+        user=make_user(), capabilities=CapabilitySet(["net:127.0.0.1"]), control=control
+    )
+    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            url = f"https://127.0.0.1:{listener.getsockname()[1]}/"
+            kernel.invoke("http_fetch", {"url": url}, context)
+    finally:
+        timer.cancel()
+        for sock in [*accepted, listener]:
+            sock.close()
+    assert time.monotonic() - started < BOUND_SECS
+    assert accepted  # the connect was made: the handshake was what hung
+    assert ToolCall.objects.get().error == "stopped: cancelled by the owner"
+
+
 def test_a_cancel_stops_a_name_resolution_that_hangs(make_user, hanging_resolver) -> None:
     control = RunControl()
     context = ToolContext(
