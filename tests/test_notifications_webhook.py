@@ -171,3 +171,55 @@ def test_metadata_and_numeric_hosts_are_refused_whatever_the_grant(make_user, ap
     grant = [*GRANT, "net:169.254.169.254", "net:[fd00:ec2::254]"]
     answer = add(api_client_for(make_user(grant=grant)), url)
     assert answer.status_code == 400 and "address" in answer.json()
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_limit(
+    make_user, certificate, monkeypatch
+):
+    # Each byte comes well within the per-step timeout, so only the limit on the whole request
+    # ends it: without that, the full answer (a 200) arrives after TRICKLE_SECS.
+    import socket
+    import ssl
+    import threading
+    import time
+
+    from notifications.channels import webhook
+
+    trickle_secs = 8.0
+    monkeypatch.setattr(webhook, "TIMEOUT_SECS", 1.0)
+    cert_file, key_file = certificate
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert_file, key_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with tls.wrap_socket(conn, server_side=True) as sock:
+            sock.recv(65536)
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+            pause = trickle_secs / len(answer)
+            try:
+                for byte in answer:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(pause)
+            except OSError:
+                pass
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    owner = make_user(grant=GRANT)
+    contact = Contact.objects.create(
+        owner=owner,
+        channel="webhook",
+        address=f"https://127.0.0.1:{port}/hook",
+        verified_at=db_now(),
+        webhook_secret="s",
+    )
+    row = _row(owner, contact)
+    try:
+        assert delivery.deliver(row.pk) == Status.PENDING  # retried later, not sent
+    finally:
+        listener.close()
+        server.join(timeout=trickle_secs + 2)

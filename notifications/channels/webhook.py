@@ -20,12 +20,14 @@ import hashlib
 import hmac
 import http.client
 import json
+import threading
 import time
 from typing import Any
 
 from kernel import netpolicy
 from kernel.context import lenient_capability_set
 from kernel.netpolicy import resolve_allowed
+from kernel.sockets import SocketWatch
 from kernel.tools import ToolError
 from kernel.tools.http_fetch import Target, _connection
 from notifications.channels import Channel, DeliveryError, Message
@@ -99,11 +101,19 @@ class WebhookChannel(Channel):
         )
 
     def _post(self, target: Target, address: Any, body: bytes, headers: dict[str, str]) -> int:
-        connection = _connection(target, address, TIMEOUT_SECS)
+        # TIMEOUT_SECS bounds each step and, through the watch, the whole request: a receiver
+        # that trickles its answer a byte at a time has its socket shut down at the limit.
+        watch = SocketWatch()
+        connection, handles = _connection(target, address, TIMEOUT_SECS, watch)
+        limit = threading.Timer(TIMEOUT_SECS, watch.interrupt)
+        limit.daemon = True
+        limit.start()
         try:
             connection.request("POST", target.path, body=body, headers=headers)
             response = connection.getresponse()
             response.read(64 * 1024)
+            if watch.interrupted:  # the shutdown read as the end of the answer
+                raise TimeoutError("the webhook's answer took too long")
             return response.status
         except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, TLS failures
             raise DeliveryError(
@@ -112,7 +122,11 @@ class WebhookChannel(Channel):
                 public=GENERIC_FAILURE,
             ) from None
         finally:
+            limit.cancel()
+            watch.unwatch()
             connection.close()
+            for handle in handles:
+                handle.close()
 
 
 CHANNEL = WebhookChannel()
