@@ -12,15 +12,18 @@ ABANDONED_CALLS_EVERY_SECS per process).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import timedelta
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from kernel import processes
 from kernel.models import ChatTurn, User
+
+logger = logging.getLogger(__name__)
 
 MAX_TURNS_PER_USER = 2
 # Longer than a turn may last (the chat view's deadline), so a live turn never expires.
@@ -60,4 +63,9 @@ def interrupt_abandoned_calls() -> int:
         if now < _next_look:
             return 0
         _next_look = now + ABANDONED_CALLS_EVERY_SECS
-    return processes.interrupt_abandoned_chat_calls(TURN_LEASE_SECS)
+    try:
+        return processes.interrupt_abandoned_chat_calls(TURN_LEASE_SECS)
+    except DatabaseError:
+        # A chore, not the turn's business: the turn goes on, and a later one looks again.
+        logger.warning("could not look for abandoned chat tool calls", exc_info=True)
+        return 0

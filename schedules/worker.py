@@ -42,6 +42,8 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 
 from kernel.context import RunControl
+from kernel.processes import interrupt_abandoned_chat_calls
+from kernel.turns import TURN_LEASE_SECS
 from schedules import claims, executor, metrics, workers
 from schedules.dbtime import db_now
 from schedules.models import ExecutionStatus
@@ -374,6 +376,9 @@ class Worker:
         executions, jobs = claims.purge_history()
         if executions or jobs:
             logger.info("purged %s executions and %s deleted jobs", executions, jobs)
+        # Chat tool calls a dead web process left `started` (a chat turn looks too, but only
+        # when someone chats).
+        interrupt_abandoned_chat_calls(TURN_LEASE_SECS)
         return True
 
     def idle(self, agenda: claims.Agenda | None = None, elapsed_secs: float = 0.0) -> None:

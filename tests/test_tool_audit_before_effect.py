@@ -311,3 +311,28 @@ def test_a_killed_web_process_leaves_a_row_that_the_next_chat_turn_marks(
     assert response.status_code == 200, response.content
     row.refresh_from_db()
     assert row.status == ToolCallStatus.INTERRUPTED and "web process stopped" in row.error
+
+
+def test_the_workers_hourly_purge_marks_abandoned_chat_calls_too(make_user) -> None:
+    # Without any chat turn: the worker's purge round looks as well.
+    from schedules.worker import Worker
+
+    session = ChatSession.objects.create(owner=make_user())
+    abandoned = _chat_row(session, turns.TURN_LEASE_SECS + 1)
+    assert Worker(worker_id="w1").handle_one_purge()
+    abandoned.refresh_from_db()
+    assert abandoned.status == "interrupted"
+
+
+def test_a_database_error_while_looking_for_abandoned_calls_does_not_fail_the_turn(
+    make_user, monkeypatch
+) -> None:
+    from django.db import DatabaseError
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise DatabaseError("the server went away")
+
+    monkeypatch.setattr(processes, "interrupt_abandoned_chat_calls", broken)
+    monkeypatch.setattr(turns, "_next_look", 0.0)
+    user = make_user()
+    assert turns.begin(user.pk) is not None
