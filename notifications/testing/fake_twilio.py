@@ -13,13 +13,21 @@ Failure modes can be changed while it runs (thread-safe):
 - `fail_number(number, http_status, code)`: every message to `number` gets that error.
 - `outside_window(number)`: free-form messages to `number` are accepted, then fail by callback
   with error 63016; messages with a ContentSid (an approved template) are delivered.
+- `fail_all(action)`: every request takes `action` until `fail_all(None)` (a stretch of
+  failures). Besides the actions above: "timeout" (hold the request past the client's timeout,
+  then close without accepting) and "late" (accept the message, then answer only after the
+  client's timeout: the provider has it, the sender never learns so).
 - `hold()` / `release()`: accepted requests wait before answering (a crash can be staged).
 - `callback_statuses`: the statuses sent after acceptance (default sent, delivered).
+
+Each accepted message records `AcceptedAt` (time.time()) and `Late` ("1" when answered late)
+beside its parameters and `Sid`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -45,6 +53,8 @@ ERROR_MESSAGES = {
     20500: "Internal Server Error",
 }
 _STATUS_CODES = {429: 20429, 500: 20500, 503: 20503}
+# Longer than any client timeout the project uses (the WhatsApp channel's is 10 s).
+SLOW_SECS = 11.0
 
 
 class _Server(ThreadingHTTPServer):
@@ -65,6 +75,8 @@ class FakeTwilio:
         self.callbacks: list[tuple[str, dict[str, str], int]] = []
         self._actions: deque[Any] = deque()
         self._failing: dict[str, tuple[int, int]] = {}
+        self._fail_all: Any = None
+        self.slow_secs = SLOW_SECS
         self._outside: set[str] = set()
         self._held = threading.Event()
         self._held.set()
@@ -108,6 +120,11 @@ class FakeTwilio:
         with self._lock:
             self._failing[number] = (http_status, code)
 
+    def fail_all(self, action: Any) -> None:
+        """Every request takes `action` (see the module doc) until `fail_all(None)`."""
+        with self._lock:
+            self._fail_all = action
+
     def outside_window(self, number: str) -> None:
         with self._lock:
             self._outside.add(number)
@@ -123,6 +140,7 @@ class FakeTwilio:
             self._actions.clear()
             self._failing.clear()
             self._outside.clear()
+            self._fail_all = None
             self.requests.clear()
             self.accepted.clear()
             self.callbacks.clear()
@@ -140,14 +158,16 @@ class FakeTwilio:
             to = params.get("To", "").removeprefix("whatsapp:")
             if self._actions:
                 return self._actions.popleft()
+            if self._fail_all is not None:
+                return self._fail_all
             if to in self._failing:
                 status, code = self._failing[to]
                 return ("error", status, code)
         return "ok"
 
-    def _accept(self, params: dict[str, str]) -> dict[str, Any]:
+    def _accept(self, params: dict[str, str], *, late: bool = False) -> dict[str, Any]:
         sid = "SM" + uuid.uuid4().hex
-        message = {**params, "Sid": sid}
+        message = {**params, "Sid": sid, "AcceptedAt": repr(time.time()), "Late": "1" * late}
         to = params.get("To", "").removeprefix("whatsapp:")
         with self._lock:
             self.accepted.append(message)
@@ -241,6 +261,17 @@ class _Handler(BaseHTTPRequestHandler):
         action = fake._next_action(params)
         if action == "drop":
             self.close_connection = True
+            return
+        if action == "timeout":
+            time.sleep(fake.slow_secs)
+            self.close_connection = True
+            return
+        if action == "late":
+            resource = fake._accept(params, late=True)
+            time.sleep(fake.slow_secs)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self._send(201, resource)
             return
         if isinstance(action, int):
             return self._error(action, _STATUS_CODES.get(action, 20500))

@@ -5,19 +5,31 @@ command; `WebhookReceiver((cert, key))` serves TLS with it (tests point SSL_CERT
 certificate so the client trusts it). `answer` is the
 status to reply with; `redirect_to` makes it answer 302 with that Location. `connections`
 counts TCP connections accepted, so a test can show a refused address was never connected to.
+
+`answer` may also be a failure mode, for fault drills: "drop" (close the connection without
+answering), "timeout" (hold the request past the client's timeout, then close without
+answering) or "late" (take the message, then answer 200 only after the client's timeout).
+`accepted` lists what was taken (answered 2xx, or "late"): (time.time(), the payload's `id`,
+the body, late).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import json
 import shutil
 import ssl
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+# Longer than the webhook channel's timeout (10 s).
+SLOW_SECS = 11.0
 
 
 def openssl_available() -> bool:
@@ -50,7 +62,9 @@ class _Server(ThreadingHTTPServer):
 class WebhookReceiver:
     def __init__(self, certificate: tuple[Path, Path] | None) -> None:
         self.cert_file, self.key_file = certificate or (None, None)
-        self.answer = 200
+        self.answer: int | str = 200
+        self.slow_secs = SLOW_SECS
+        self.accepted: list[tuple[float, Any, bytes, bool]] = []
         self.redirect_to = ""
         self.received: list[tuple[dict[str, str], bytes]] = []
         self.connections = 0
@@ -102,12 +116,34 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_POST(self) -> None:
+        owner = self.owner
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.owner.received.append((dict(self.headers.items()), body))
-        if self.owner.redirect_to:
-            self.send_response(302)
-            self.send_header("Location", self.owner.redirect_to)
-        else:
-            self.send_response(self.owner.answer)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+        owner.received.append((dict(self.headers.items()), body))
+        answer = owner.answer
+        if answer in ("drop", "timeout"):
+            if answer == "timeout":
+                time.sleep(owner.slow_secs)
+            self.close_connection = True
+            return
+        late = answer == "late"
+        if late or (isinstance(answer, int) and 200 <= answer < 300 and not owner.redirect_to):
+            owner.accepted.append((time.time(), _payload_id(body), body, late))
+        if late:
+            time.sleep(owner.slow_secs)
+            self.close_connection = True
+            answer = 200
+        with contextlib.suppress(OSError):
+            if owner.redirect_to:
+                self.send_response(302)
+                self.send_header("Location", owner.redirect_to)
+            else:
+                self.send_response(int(answer))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+
+def _payload_id(body: bytes) -> Any:
+    try:
+        return json.loads(body).get("id")
+    except (ValueError, AttributeError):
+        return None
