@@ -8,8 +8,17 @@ write after the take is fenced on (`sending`, attempts), so a task that outlived
 changes nothing. `sweep` re-queues due `pending` rows that no live task holds and puts `sending`
 rows whose lease expired (their cluster was killed) back to `pending`.
 
-The one duplicate window: the provider accepted a message and the process died before `sent`
-was committed. The sweep then sends it again. Nothing else sends a row twice.
+Every database step of a delivery is retried through an outage (a server restart, a dropped
+connection) of up to OUTAGE_MAX_SECS, so a message the provider accepted is recorded `sent` even
+when the connection broke meanwhile: the writes are fenced, so a retry after a commit that did
+happen changes nothing.
+
+The duplicate window: the provider accepted a message and we never recorded it: the process
+died (or the database stayed unreachable past OUTAGE_MAX_SECS) before `sent` was committed, or
+the provider's answer never reached us (a timeout or a dropped connection after it had taken
+the message), so the attempt counts as failed. The message is then sent again. Nothing else
+sends a row twice. A webhook receiver can tell a repeat by the payload's `id`, the same on
+every attempt.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
@@ -39,6 +48,10 @@ SWEEP_SCHEDULE_NAME = "picobot notifications sweep"
 # A retry due this soon is queued at once and its task waits; a later one is the sweep's.
 INLINE_WAIT_MAX_SECS = 5.0
 SWEEP_BATCH = 1000
+# How long a delivery's database steps are retried through an outage, and how often. Well under
+# django-q2's task timeout (60 s) with the channels' 10 s timeout and a retry's 5 s wait.
+OUTAGE_MAX_SECS = 20.0
+OUTAGE_RETRY_SECS = 0.5
 CODE_KEY_SALT = "picobot.notifications.verification-code"
 
 
@@ -121,19 +134,39 @@ class _TaskBatch:
 
 def deliver(notification_id: int) -> str:
     """Deliver one row if it is due and nobody holds it; returns the status it was left in."""
-    row = _take(notification_id)
+    row = _through_outage(lambda: _take(notification_id), notification_id)
     if row is None:
         return "skipped"
     try:
-        message = _message(row)
+        message = _through_outage(lambda: _message(row), notification_id)
         provider_id = get_channel(row.channel).send(message)
     except DeliveryError as exc:
-        return _failed(row, exc)
+        error = exc
+    except DatabaseError:
+        raise  # the database stayed unreachable: the sweep takes the row over
     except Exception as exc:
         # A bug must not strand the row: it is recorded and retried like a transient failure.
         logger.exception("notification=%s: unexpected error in delivery", row.pk)
-        return _failed(row, DeliveryError(f"internal error: {type(exc).__name__}", permanent=False))
-    return _sent(row, provider_id)
+        error = DeliveryError(f"internal error: {type(exc).__name__}", permanent=False)
+    else:
+        # The provider has the message: recording it is what keeps it from being sent again.
+        return _through_outage(lambda: _sent(row, provider_id), notification_id)
+    return _through_outage(lambda: _failed(row, error), notification_id)
+
+
+def _through_outage(step: Any, notification_id: int) -> Any:
+    """Run a delivery's database `step`, reconnecting through an outage of up to
+    OUTAGE_MAX_SECS (then the error goes to django-q2, and the sweep takes the row over)."""
+    deadline = time.monotonic() + OUTAGE_MAX_SECS
+    while True:
+        try:
+            return step()
+        except (OperationalError, InterfaceError) as exc:
+            if connection.in_atomic_block or time.monotonic() >= deadline:
+                raise
+            logger.warning("notification=%s: database error (%s); retrying", notification_id, exc)
+            connection.close()
+            time.sleep(OUTAGE_RETRY_SECS)
 
 
 def _take(notification_id: int) -> Notification | None:
@@ -224,6 +257,10 @@ def _sent(row: Notification, provider_id: str) -> str:
         updated_at=now,
     )
     if not updated:
+        if Notification.objects.filter(
+            pk=row.pk, status=Status.SENT, attempts=row.attempts, provider_message_id=provider_id
+        ).exists():
+            return Status.SENT  # an earlier try of this write committed; its answer was lost
         logger.warning("notification=%s sent after losing its lease", row.pk)
         return "superseded"
     metrics.record(row.channel, Status.SENT, seconds=(now - row.created_at).total_seconds())
