@@ -60,7 +60,8 @@ bench: $(STAMP)
 	$(PY) -m bench.shell_sandbox
 
 # Executions under sustained faults (bench/soak.py): SOAK_EXECUTIONS, SOAK_DURATION_SECS,
-# SOAK_WORKERS, SOAK_DATABASE=postgres|sqlite (PostgreSQL runs a private cluster of its own).
+# SOAK_WORKERS, SOAK_QCLUSTERS, SOAK_DATABASE=postgres|sqlite (PostgreSQL runs a private
+# cluster of its own).
 soak: $(STAMP)
 	$(PY) -m bench.soak
 

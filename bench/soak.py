@@ -1,17 +1,21 @@
 """`make soak`: many executions under sustained faults; nothing lost, nothing run twice.
 
     python -m bench.soak [--database postgres|sqlite] [--executions N] [--duration SECS]
-                         [--workers N] [--concurrency N] [--seed N]
+                         [--workers N] [--concurrency N] [--qclusters N] [--seed N]
 
 (or SOAK_DATABASE, SOAK_EXECUTIONS, SOAK_DURATION_SECS, SOAK_WORKERS, SOAK_CONCURRENCY,
-SOAK_SEED). It creates a database of its own (PostgreSQL: a private cluster, see
+SOAK_QCLUSTERS, SOAK_SEED). It creates a database of its own (PostgreSQL: a private cluster, see
 `bench/pgcluster.py`; SQLite: a temporary file), a mix of once / interval / cron schedules of
 many users, N `runworker` processes and the scripted model (random delays, errors, dropped and
 hung answers, tool calls). For the whole run a fault injector SIGKILLs a random worker every few
 seconds and starts another, SIGSTOPs one past its lease and resumes it, and on PostgreSQL
-restarts the server and terminates the workers' connections; an API user creates, PATCHes,
-cancels and deletes schedules meanwhile. Then the workers drain what came due, stop, and
-`bench/soak_check.py` checks every occurrence. Exit status 1 on any violation.
+restarts the server and terminates the workers' and clusters' connections; an API user creates,
+PATCHes, cancels and deletes schedules meanwhile. Users have verified WhatsApp and webhook
+contacts on local receivers, and `qcluster` processes deliver their jobs' notifications while
+the receivers fail for stretches and a random cluster is SIGKILLed now and then
+(`bench/soak_notify.py`). Then the workers drain what came due and stop, the clusters deliver
+what is left and stop, and `bench/soak_check.py` checks every occurrence and every
+notification. Exit status 1 on any violation.
 """
 
 from __future__ import annotations
@@ -83,6 +87,9 @@ class Options:
     api_every_secs: float
     settle_secs: float
     pg_port: int = 0
+    qclusters: int = 2
+    cluster_kill_every_secs: float = 30
+    channel_fault_every_secs: float = 20
 
 
 def parse_options(argv: list[str]) -> Options:
@@ -101,6 +108,17 @@ def parse_options(argv: list[str]) -> Options:
     add("--terminate-every", type=float, default=float(env("SOAK_TERMINATE_EVERY_SECS", "20")))
     add("--api-every", type=float, default=float(env("SOAK_API_EVERY_SECS", "0.3")))
     add("--settle", type=float, default=float(env("SOAK_SETTLE_SECS", "0")))
+    add("--qclusters", type=int, default=int(env("SOAK_QCLUSTERS", "2")), help="0: none")
+    add(
+        "--cluster-kill-every",
+        type=float,
+        default=float(env("SOAK_QCLUSTER_KILL_EVERY_SECS", "30")),
+    )
+    add(
+        "--channel-fault-every",
+        type=float,
+        default=float(env("SOAK_CHANNEL_FAULT_EVERY_SECS", "20")),
+    )
     add("--pg-port", type=int, default=int(env("SOAK_PG_PORT", "0")), help="default: any free")
     args = parser.parse_args(argv)
     # About 20 executions a second when the duration is not given: ~8 minutes for the default.
@@ -121,6 +139,9 @@ def parse_options(argv: list[str]) -> Options:
         api_every_secs=args.api_every,
         settle_secs=settle,
         pg_port=args.pg_port,
+        qclusters=args.qclusters,
+        cluster_kill_every_secs=args.cluster_kill_every,
+        channel_fault_every_secs=args.channel_fault_every,
     )
 
 
@@ -182,9 +203,10 @@ class Plan:
     once: int = 0
 
 
-def create_schedules(options: Options, rng: random.Random) -> Plan:
+def create_schedules(options: Options, rng: random.Random, webhook_url: str = "") -> Plan:
     from datetime import timedelta
 
+    from bench import soak_notify
     from kernel.models import ApiKey, User
     from schedules import lifecycle
     from schedules.dbtime import db_now
@@ -192,7 +214,12 @@ def create_schedules(options: Options, rng: random.Random) -> Plan:
 
     plan = Plan()
     grant = ["shell:echo", "schedule:*"]
-    users = [User.objects.create(username=f"soak-{i}", grant=grant) for i in range(USERS)]
+    users = [
+        User.objects.create(username=f"soak-{i}", grant=grant + soak_notify.GRANT_EXTRA)
+        for i in range(USERS)
+    ]
+    if webhook_url:
+        soak_notify.create_contacts(users, webhook_url)
     for i in range(API_USERS):
         user = User.objects.create(username=f"soak-api-{i}", grant=grant)
         plan.api_users.append(user)
@@ -218,6 +245,9 @@ def create_schedules(options: Options, rng: random.Random) -> Plan:
             body["run_at"] = (db_now() + timedelta(seconds=offset)).isoformat()
         else:
             body["cron"] = every
+        notify = soak_notify.notify_on(i % USERS, rng)
+        if notify is not None:
+            body["notify_on"] = notify
         job = lifecycle.create_job(users[i % USERS], body)
         plan.first_due[job.pk] = job.next_run_at
     plan.recurring = len(plan.first_due)
@@ -226,9 +256,11 @@ def create_schedules(options: Options, rng: random.Random) -> Plan:
     batch: list[Job] = []
     for i in range(plan.once):
         due = start + timedelta(seconds=rng.uniform(0, duration - 2))
+        owner = rng.randrange(USERS)
+        notify = soak_notify.notify_on(owner, rng)
         batch.append(
             Job(
-                owner=users[rng.randrange(USERS)],
+                owner=users[owner],
                 name=f"soak once #{i}",
                 prompt=f"once {i}",
                 schedule_type="once",
@@ -236,6 +268,7 @@ def create_schedules(options: Options, rng: random.Random) -> Plan:
                 next_run_at=due,
                 capabilities=["shell:echo"],
                 timeout_secs=JOB_TIMEOUT_SECS,
+                **({} if notify is None else {"notify_on": notify}),
             )
         )
         if len(batch) == 2000 or i == plan.once - 1:
@@ -365,6 +398,8 @@ class FaultLog:
     restarts: list[tuple[str, float, float]] = field(default_factory=list)  # mode, start, end
     terminated: int = 0
     terminate_rounds: int = 0
+    terminate_times: list[float] = field(default_factory=list)  # time.time() of each round
+    clusters_terminated: int = 0
 
 
 def inject_faults(
@@ -409,8 +444,13 @@ def inject_faults(
         if now >= next_terminate:
             next_terminate = now + rng.uniform(0.5, 1.5) * options.terminate_every_secs
             with contextlib.suppress(Exception):
+                log.terminate_times.append(time.time())
                 log.terminated += cluster.terminate_backends(dbname, WORKER_APP)
                 log.terminate_rounds += 1
+                if options.qclusters:
+                    from bench.soak_notify import CLUSTER_APP
+
+                    log.clusters_terminated += cluster.terminate_backends(dbname, CLUSTER_APP)
     if pauser is not None:
         pauser.join()
 
@@ -546,6 +586,7 @@ def progress(started: float) -> str:
 
 
 def run(options: Options, workdir: Path) -> int:
+    from bench import soak_notify
     from bench.pgcluster import PrivateCluster
     from bench.soak_model import ModelMix, SoakModel
 
@@ -560,15 +601,22 @@ def run(options: Options, workdir: Path) -> int:
         url = f"sqlite:///{workdir / 'soak.sqlite3'}"
     pool: WorkerPool | None = None
     model: SoakModel | None = None
+    receivers: soak_notify.Receivers | None = None
+    clusters: soak_notify.ClusterPool | None = None
     try:
         slots = options.workers * options.concurrency
         config = workdir / "picobot.soak.toml"
-        config.write_text(CONFIG.format(lease=LEASE_SECS, slots=slots, timeout=JOB_TIMEOUT_SECS))
+        config.write_text(
+            CONFIG.format(lease=LEASE_SECS, slots=slots, timeout=JOB_TIMEOUT_SECS)
+            + soak_notify.CONFIG.format(lease=soak_notify.DELIVERY_LEASE_SECS)
+        )
         setup_django(url, config)
         from bench import soak_check
 
         rng = random.Random(options.seed)
-        plan = create_schedules(options, rng)
+        if options.qclusters:
+            receivers = soak_notify.Receivers.start(workdir)
+        plan = create_schedules(options, rng, receivers.webhook.url if receivers else "")
         say(f"seed {options.seed}: {plan.recurring} recurring and {plan.once} once schedules")
         model = SoakModel(ModelMix(), options.seed)
         model.server.start()
@@ -586,6 +634,7 @@ def run(options: Options, workdir: Path) -> int:
         for _ in range(options.workers):
             pool.start_one()
         faults, api = FaultLog(), ApiLog()
+        channel_faults = soak_notify.ChannelFaults()
         stop = threading.Event()
         threads = [
             threading.Thread(
@@ -593,6 +642,21 @@ def run(options: Options, workdir: Path) -> int:
             ),
             threading.Thread(target=drive_api, args=(plan, options, stop, api)),
         ]
+        if receivers is not None:
+            cluster_env = {
+                **env,
+                **receivers.env(),
+                "DATABASE_URL": with_application(url, soak_notify.CLUSTER_APP),
+            }
+            clusters = soak_notify.ClusterPool(cluster_env, logs)
+            for _ in range(options.qclusters):
+                clusters.start_one()
+            threads.append(
+                threading.Thread(
+                    target=soak_notify.inject_channel_faults,
+                    args=(options, receivers, clusters, stop, channel_faults),
+                )
+            )
         for thread in threads:
             thread.start()
         started = time.monotonic()
@@ -611,13 +675,26 @@ def run(options: Options, workdir: Path) -> int:
         drained = wait_drained(pool, cutoff, options.settle_secs, started)
         say(progress(started))
         codes = pool.stop_all(grace_secs=30)
+        delivered = True
+        if clusters is not None:
+            say("workers stopped; delivering the notifications left")
+            delivered = soak_notify.wait_delivered(clusters, options.settle_secs, retrying, say)
+            clusters.stop_all()
         report = soak_check.check(plan, cutoff, drained, model, options.database)
+        if receivers is not None and clusters is not None:
+            soak_check.check_notifications(
+                report, plan, receivers, clusters, channel_faults, delivered
+            )
         report.add_faults(faults, api, codes, pool, logs, options.database)
         report.print(options, time.monotonic() - started)
         return 1 if report.violations else 0
     finally:
         if pool is not None:
             pool.kill_all()
+        if clusters is not None:
+            clusters.stop_all(grace_secs=5)
+        if receivers is not None:
+            receivers.stop()
         if model is not None:
             model.server.stop()
         if cluster is not None:

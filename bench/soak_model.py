@@ -55,7 +55,7 @@ class SoakModel:
             self.requests += 1
             if last.get("role") == "tool":
                 self.answered.add(str(last.get("tool_call_id", "")))
-                return self._count("after_tool", {"content": "done: the echo ran"})
+                return self._count("after_tool", {"content": f"done: the echo ran {_nonce()}"})
             draw = self._rng.random()
             delay = min(
                 self.mix.max_delay_secs, self._rng.expovariate(1 / self.mix.mean_delay_secs)
@@ -64,7 +64,7 @@ class SoakModel:
                 delay = self._rng.uniform(1.0, 3.0)  # long enough for an API cancel to meet it
             mix = self.mix
             if draw < mix.tool_call:
-                nonce = uuid.uuid4().hex[:16]
+                nonce = _nonce()
                 call_id = f"call_{nonce}"
                 self.issued.add(call_id)
                 call = {
@@ -82,8 +82,14 @@ class SoakModel:
             draw -= mix.drop
             if draw < mix.hang:
                 return self._count("hang", {"content": "too late", "delay": mix.hang_secs})
-            return self._count("answer", {"content": "ok", "delay": delay})
+            # Each answer is unique, so each result message is (the soak counts deliveries of a
+            # WhatsApp message by its text).
+            return self._count("answer", {"content": f"ok {_nonce()}", "delay": delay})
 
     def _count(self, kind: str, turn: Turn) -> Turn:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         return turn
+
+
+def _nonce() -> str:
+    return uuid.uuid4().hex[:16]

@@ -1,5 +1,7 @@
 """A short soak (`bench/soak.py`): executions under workers killed and paused, on PostgreSQL a
-restarted server and terminated connections; nothing lost, nothing run twice.
+restarted server and terminated connections, notifications delivered by a `qcluster` killed now
+and then to receivers failing for stretches; nothing lost, nothing run twice, every message
+sent (repeated only in the documented window) or dead with its reason.
 
 It runs against a database of its own (a private PostgreSQL cluster, or a temporary SQLite
 file), in the pass of the suite for that database, so CI catches a regression of any guarantee
@@ -39,6 +41,7 @@ def test_a_short_soak_under_faults_loses_nothing_and_runs_nothing_twice() -> Non
                 raise
             pytest.skip(f"no PostgreSQL server binaries for the soak's own cluster: {exc}")
     argv = ["--database", database, "--executions", "500", "--duration", "45", "--workers", "3"]
+    argv += ["--qclusters", "1", "--cluster-kill-every", "15", "--channel-fault-every", "10"]
     done = subprocess.run(
         [sys.executable, "-m", "bench.soak", *argv, "--settle", "240", "--kill-every", "4"],
         cwd=ROOT,
@@ -50,3 +53,5 @@ def test_a_short_soak_under_faults_loses_nothing_and_runs_nothing_twice() -> Non
     report = done.stdout[done.stdout.find("== soak results ==") :]
     assert done.returncode == 0, f"{report or done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert "violations: 0" in report
+    for channel in ("whatsapp", "webhook"):  # the notification checks ran on real deliveries
+        assert f"notifications {channel} sent" in report, report
