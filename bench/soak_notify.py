@@ -3,7 +3,8 @@
 Users of the soak get verified contacts: WhatsApp numbers on a local fake Twilio
 (`notifications/testing/fake_twilio.py`) and https webhooks on a local receiver
 (`notifications/testing/webhook_receiver.py`, a self-signed certificate the clusters trust
-through SSL_CERT_FILE). Their jobs notify on success, on failure, or both. `qcluster` processes
+through SSL_CERT_FILE); one WhatsApp number has unsubscribed, so its messages die. Their jobs
+notify on success, on failure, or both. `qcluster` processes
 deliver; the fault loop makes the receivers fail for stretches (HTTP 500, 503, 429, dropped
 connections, requests held past the client's timeout, and messages taken but answered only after
 it) and SIGKILLs a random cluster with all its processes (a lost host), starting another.
@@ -29,6 +30,9 @@ FROM_NUMBER = "+15550000000"
 WHATSAPP_USERS = range(0, 6)
 WEBHOOK_USERS = range(4, 10)
 CONSOLE_USERS = range(10, 12)  # no contact: their messages go to the console channel
+# This user's WhatsApp number has unsubscribed (Twilio error 21610): its messages go `dead` at
+# once, with the reason.
+UNSUBSCRIBED_USER = 5
 NOTIFY_CHOICES = [["success", "failure"], ["success"], ["failure"]]
 # Failure modes of a stretch, and how often each is drawn. "late": the receiver takes the
 # message and answers after the client's timeout (the documented duplicate window).
@@ -97,6 +101,7 @@ class Receivers:
 
         cert, key = make_certificate(workdir)
         twilio = FakeTwilio().start()
+        twilio.fail_number(whatsapp_number(UNSUBSCRIBED_USER), 400, 21610)
         webhook = WebhookReceiver((cert, key)).start()
         return cls(twilio, webhook, cert)
 
