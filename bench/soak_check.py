@@ -338,6 +338,9 @@ def check_notifications(
             if not row["last_error"]:
                 report.violation(f"notification {row['id']} dead without a reason")
             report.counts[f"notifications dead: {_reason(row['last_error'])}"] += 1
+        if row["last_error"].startswith("internal error"):
+            # A bug in delivery (the channels' failures are DeliveryErrors), whatever it ended.
+            report.violation(f"notification {row['id']}: {row['last_error'][:200]}")
     report.counts["notifications"] = len(rows)
     report.counts["notification delivery attempts"] = sum(row["attempts"] for row in rows)
     _check_expected_rows(report, plan, rows)
