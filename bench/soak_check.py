@@ -294,8 +294,8 @@ def check_logs(report: Report, logs: Path, database: str) -> None:
 # A database restart or a dropped connection is not: delivery reconnects through those. Seconds
 # around the receiver's acceptance in which a kill must fall (the request may still be in
 # flight when its cluster is killed; the commit may wait on a starved CPU).
-WINDOW_BEFORE_SECS = 5.0
-WINDOW_AFTER_SECS = 15.0
+WINDOW_BEFORE_SECS = 3.0
+WINDOW_AFTER_SECS = 5.0
 
 
 def check_notifications(
@@ -474,6 +474,8 @@ def _check_whatsapp(
         if message["Sid"] in recorded:
             continue
         _unrecorded(report, owners, float(message["AcceptedAt"]), bool(message["Late"]), explain)
+    for key, count in deliveries.items():
+        _attempted(report, by_message.get(key, []), count)
     report.counts["whatsapp messages accepted by the fake Twilio"] = len(accepted)
     report.counts["whatsapp requests to the fake Twilio"] = len(twilio.requests)
     report.counts["whatsapp messages delivered more than once"] = sum(
@@ -495,6 +497,7 @@ def _check_webhooks(
         taken[payload_id].append((at, late))
     for row_id, row in mine.items():
         times = sorted(taken.get(row_id, []))
+        _attempted(report, [row], len(times))
         if row["status"] == "sent":
             if not times:
                 report.violation(f"notification {row_id} sent, but the receiver never took it")
@@ -511,6 +514,15 @@ def _check_webhooks(
     report.counts["webhook notifications delivered more than once"] = sum(
         1 for row_id, times in taken.items() if len(times) > 1 and mine[row_id]["status"] == "sent"
     )
+
+
+def _attempted(report: Report, owners: list[dict[str, Any]], deliveries: int) -> None:
+    """Each delivery a receiver took is one attempt's (a repeat comes from a later attempt,
+    after the one that sent it ended unrecorded): never more deliveries than attempts."""
+    attempts = sum(row["attempts"] for row in owners)
+    if owners and deliveries > attempts:
+        ids = [row["id"] for row in owners]
+        report.violation(f"notification {ids}: delivered {deliveries} times in {attempts} attempts")
 
 
 def _unrecorded(
