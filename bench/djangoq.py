@@ -114,7 +114,11 @@ def main() -> None:
         config = Path(tmp) / "picobot.toml"
         config.write_text(CONFIG)
         setup(url, str(config))
-        env = {**os.environ, "PICOBOT_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "PICOBOT_LOG_LEVEL": "WARNING",
+            "DJANGO_SETTINGS_MODULE": "bench.djangoq_settings",
+        }
         per_sec = tasks(env)
         lags = sorted(schedules(env))
         _reset()
