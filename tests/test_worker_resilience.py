@@ -188,3 +188,23 @@ def test_a_worker_whose_listen_connection_is_dropped_listens_again(
         assert process.poll() is None
     finally:
         workers.stop_all()
+
+
+def test_a_worker_starting_while_the_database_is_unreachable_waits_for_it(monkeypatch) -> None:
+    # Found by the soak: a worker started during a PostgreSQL restart exited with 1 when its
+    # start-up heartbeat load could not connect.
+    from django.db import OperationalError
+
+    from schedules.management.commands import runworker
+
+    attempts = []
+
+    def load(stdout: object) -> None:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise OperationalError("connection failed: Connection refused")
+
+    monkeypatch.setattr(runworker, "load_and_report", load)
+    monkeypatch.setattr(runworker, "STARTUP_RETRY_SECS", 0.0)
+    runworker.Command().load_heartbeats()
+    assert len(attempts) == 3

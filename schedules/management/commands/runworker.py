@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import faulthandler
+import logging
 import signal
 import sys
+import time
 from collections import Counter
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import OperationalError, connection
 
 from schedules.management.commands.loadheartbeats import load_and_report
 from schedules.models import Execution, ExecutionStatus
 from schedules.worker import Worker
+
+logger = logging.getLogger("picobot.worker")
+# How often a worker starting without its database tries again.
+STARTUP_RETRY_SECS = 1.0
 
 DISABLED_MESSAGE = (
     "The scheduler is disabled. To run scheduled prompts, add\n\n"
@@ -62,7 +69,7 @@ class Command(BaseCommand):
             raise CommandError("--grace-secs must be 0 or more")
         # Operators (and tests) can see what every thread is doing: kill -USR1 <pid>.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-        load_and_report(self.stdout)
+        self.load_heartbeats()
         if options["metrics_port"] is not None:
             from prometheus_client import start_http_server
 
@@ -78,6 +85,23 @@ class Command(BaseCommand):
             self.stdout.write(once_summary(worker.started_ids, worker.skipped_count))
         if code:
             sys.exit(code)
+
+    def load_heartbeats(self) -> None:
+        """Load the heartbeats file, waiting for the database if it is not reachable yet (a
+        worker started while the server restarts, or before it is up, waits instead of
+        exiting; SIGTERM still stops it)."""
+        while True:
+            try:
+                load_and_report(self.stdout)
+                return
+            except OperationalError as exc:
+                logger.warning(
+                    "database unreachable at start-up (%s); retrying in %ss",
+                    str(exc).splitlines()[0],
+                    STARTUP_RETRY_SECS,
+                )
+                connection.close()
+                time.sleep(STARTUP_RETRY_SECS)
 
 
 def once_summary(execution_ids: list[int], skipped: int) -> str:
