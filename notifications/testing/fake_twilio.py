@@ -43,6 +43,7 @@ from urllib.parse import parse_qsl
 from twilio.request_validator import RequestValidator
 
 ERROR_MESSAGES = {
+    21604: "A 'To' phone number is required.",
     21211: "The 'To' number is not a valid phone number.",
     21610: "Attempt to send to unsubscribed recipient",
     21614: "'To' number is not a valid mobile number",
@@ -252,12 +253,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         fake = self.server_fake
         length = int(self.headers.get("Content-Length") or 0)
-        params = dict(parse_qsl(self.rfile.read(length).decode(), keep_blank_values=True))
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            # The client went away mid-request (a killed sender): nothing to take, as for Twilio.
+            self.close_connection = True
+            return
+        params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
         expected = f"/2010-04-01/Accounts/{fake.account_sid}/Messages.json"
         if self.path.split("?")[0] != expected:
             return self._error(404, 20404)
         if not self._authorised(fake):
             return self._error(401, 20003)
+        if not params.get("To"):
+            return self._error(400, 21604)  # Twilio: "A 'To' phone number is required."
         action = fake._next_action(params)
         if action == "drop":
             self.close_connection = True
