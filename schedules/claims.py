@@ -541,6 +541,21 @@ def _fenced_job_updates(updates: list[tuple[int, UUID, dict[str, Any]]]) -> None
             raise ClaimLost(f"jobs {missing} are no longer held with their claim tokens")
 
 
+def _rows_as_table(columns: list[Any], rows: list[list[Any]]) -> tuple[str, list[str], list[Any]]:
+    """`rows` (values already prepared for the database, one per model field in `columns`) as a
+    relation `v` for `UPDATE … FROM`: typed arrays through unnest on PostgreSQL (one statement
+    text whatever the number of rows), VALUES on SQLite. Returns (source, v's column names,
+    params)."""
+    if connection.vendor == "postgresql":
+        names = [f"c{n}" for n in range(len(columns))]
+        casts = ", ".join(f"%s::{column.cast_db_type(connection)}[]" for column in columns)
+        arrays = [list(column) for column in zip(*rows, strict=True)]
+        return f"unnest({casts}) AS v({', '.join(names)})", names, arrays
+    one = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    names = [f"column{n}" for n in range(1, len(columns) + 1)]
+    return f"(VALUES {', '.join([one] * len(rows))}) AS v", names, [v for row in rows for v in row]
+
+
 def _update_jobs(names: tuple[str, ...], group: list[tuple[int, UUID, dict[str, Any]]]) -> set[int]:
     meta = Job._meta
     columns = [meta.pk, meta.get_field("claim_token"), *(meta.get_field(n) for n in names)]
@@ -554,16 +569,7 @@ def _update_jobs(names: tuple[str, ...], group: list[tuple[int, UUID, dict[str, 
         for job_id, token, changes in group
     ]
     table = meta.db_table
-    if connection.vendor == "postgresql":
-        casts = ", ".join(f"%s::{column.cast_db_type(connection)}[]" for column in columns)
-        aliases = [f"c{n}" for n in range(len(columns))]
-        source = f"unnest({casts}) AS v({', '.join(aliases)})"
-        params: list[Any] = [list(column) for column in zip(*rows, strict=True)]
-    else:
-        placeholders = "(" + ", ".join(["%s"] * len(columns)) + ")"
-        source = f"(VALUES {', '.join([placeholders] * len(rows))}) AS v"
-        aliases = [f"column{n}" for n in range(1, len(columns) + 1)]
-        params = [value for row in rows for value in row]
+    source, aliases, params = _rows_as_table(columns, rows)
     assignments = ", ".join(
         f"{column.column} = v.{alias}"
         for column, alias in zip(columns[2:], aliases[2:], strict=True)
@@ -774,32 +780,25 @@ def _finish_executions(done: list[tuple[Claim, Outcome]], now: datetime) -> dict
     `cancelled`."""
     if not done:
         return {}
-    token_field = Execution._meta.get_field("claim_token")
+    meta = Execution._meta
+    columns = [meta.pk, meta.get_field("claim_token")]
+    columns += [meta.get_field(n) for n in ("status", "output", "error")]
+    columns += [meta.get_field(n) for n in ("prompt_tokens", "completion_tokens")]
     values = [
-        (
+        [
             claim.execution_id,
-            token_field.get_db_prep_value(claim.token, connection),
+            columns[1].get_db_prep_value(claim.token, connection),
             outcome.status,
             clean_text(outcome.output, MAX_OUTPUT_CHARS),
             clean_text(outcome.error, MAX_ERROR_CHARS),
             outcome.prompt_tokens,
             outcome.completion_tokens,
-        )
+        ]
         for claim, outcome in done
     ]
-    table = Execution._meta.db_table
+    table = meta.db_table
     stamp = connection.ops.adapt_datetimefield_value(now)
-    if connection.vendor == "postgresql":
-        source = (
-            "unnest(%s::bigint[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::int[], "
-            "%s::int[]) AS v(id, token, status, output, error, prompt_tokens, completion_tokens)"
-        )
-        params: list[Any] = [list(column) for column in zip(*values, strict=True)]
-        names = ("id", "token", "status", "output", "error", "prompt_tokens", "completion_tokens")
-    else:
-        source = f"(VALUES {', '.join(['(%s, %s, %s, %s, %s, %s, %s)'] * len(values))}) AS v"
-        params = [value for row in values for value in row]
-        names = tuple(f"column{n}" for n in range(1, 8))
+    source, names, params = _rows_as_table(columns, values)
     succeeded, cancelled = S.SUCCEEDED.value, S.CANCELLED.value
     requested = f"v.{names[2]} = '{succeeded}' AND {table}.cancel_requested_at IS NOT NULL"
     sql = (

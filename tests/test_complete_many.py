@@ -189,3 +189,16 @@ def test_the_batched_job_update_is_fenced_on_each_token(make_user, picobot_confi
     with pytest.raises(ClaimLost, match=str(stale.job_id)), transaction.atomic():
         claims._fenced_job_updates(updates)
     assert list(Job.objects.order_by("id").values()) == before
+
+
+def test_a_batch_never_records_success_for_a_run_whose_cancel_was_requested(
+    make_user, picobot_config
+) -> None:
+    picobot_config("scheduler", max_concurrent=50, max_concurrent_per_user=50)
+    done = _due_batch(make_user, 3)
+    asked = done[1][0]
+    Execution.objects.filter(pk=asked.execution_id).update(cancel_requested_at=db_now())
+    assert claims.complete_many(done) == [S.SUCCEEDED, S.CANCELLED, S.SUCCEEDED]
+    execution = Execution.objects.get(pk=asked.execution_id)
+    assert (execution.status, execution.error) == (S.CANCELLED, claims.CANCELLED_ON_REQUEST)
+    assert not Notification.objects.filter(execution_id=asked.execution_id).exists()
