@@ -115,8 +115,10 @@ def _terminate_other_backends() -> int:
 def _listeners() -> list[int]:
     with connection.cursor() as cursor:
         cursor.execute(
+            # `idle`: the LISTEN has finished (its text shows while it still runs, when a NOTIFY
+            # sent at once could still be missed).
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND query = %s",
+            "AND pid <> pg_backend_pid() AND query = %s AND state = 'idle'",
             [f"LISTEN {claims.WAKE_CHANNEL}"],
         )
         return [row[0] for row in cursor.fetchall()]

@@ -85,6 +85,11 @@ class Workers:
                 process.send_signal(signal.SIGCONT)
                 process.kill()
                 process.wait(timeout=10)
+        # Captured by pytest and shown only when the test fails: what the workers saw.
+        for path in sorted(self.tmp_path.glob("*.log")):
+            lines = path.read_text(errors="replace").splitlines()
+            print(f"--- {path.name} (last {min(len(lines), 200)} of {len(lines)} lines) ---")
+            print("\n".join(lines[-200:]))
 
 
 def _toml(value: Any) -> str:
