@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db import InterfaceError, OperationalError
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from opentelemetry import trace
@@ -359,6 +360,11 @@ class Kernel:
             return _error(tool.name, f"the tool timed out after {tool.timeout_secs:g} s")
         except ToolError as exc:
             return _error(tool.name, str(exc), untrusted=True)
+        except (OperationalError, InterfaceError):
+            # The database went away under the tool (a restart, a dropped connection): not the
+            # tool's failure to report to the model, but the run's, which ends `interrupted`
+            # and runs again (a chat turn gets the error).
+            raise
         except Exception as exc:
             logger.exception("tool %s failed", tool.name)
             return _error(tool.name, f"the tool failed unexpectedly ({type(exc).__name__})")

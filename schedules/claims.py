@@ -28,6 +28,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Count
 from django.utils.dateparse import parse_datetime
 
+from kernel.models import ToolCall, ToolCallStatus
 from kernel.processes import interrupt_calls
 from schedules import metrics, quotas
 from schedules.dbtime import db_now
@@ -721,6 +722,7 @@ def complete_many(done: list[tuple[Claim, Outcome]]) -> list[str]:
         jobs = _lock_held_jobs([claim for claim, _ in done])
         held = [i for i, (claim, _) in enumerate(done) if claim.job_id in jobs]
         finished = _finish_executions([done[i] for i in held], now)
+        _close_unrecorded_calls([i for i, status in finished.items() if status != S.SUCCEEDED])
         statuses = [outcome.status for _, outcome in done]
         for i, (claim, outcome) in enumerate(done):
             if claim.execution_id not in finished:
@@ -738,6 +740,19 @@ def complete_many(done: list[tuple[Claim, Outcome]]) -> list[str]:
         record_superseded(*done[i])
         statuses[i] = S.SUPERSEDED
     return statuses
+
+
+def _close_unrecorded_calls(execution_ids: list[int]) -> None:
+    """A run that ended without success may leave a tool call `started` whose result it could
+    not write (the database failed just after the tool ran): the call's row is closed with the
+    run, so no row stays `started` for good. A run that succeeded recorded all of its calls."""
+    if execution_ids:
+        ToolCall.objects.filter(
+            execution_id__in=execution_ids, status=ToolCallStatus.STARTED
+        ).update(
+            status=ToolCallStatus.INTERRUPTED,
+            error="interrupted: the run ended before the call's result was recorded",
+        )
 
 
 def _lock_held_jobs(claims: list[Claim]) -> dict[int, Job]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from django.db import InterfaceError, OperationalError
 from opentelemetry import trace
 
 from kernel.agent import AgentError, ModelNotConfigured, run_agent
@@ -45,6 +46,10 @@ CANCEL_REQUESTED = "cancel requested"
 DEADLINE = "timeout"
 CLAIM_LOST = "claim lost"
 SHUTDOWN = "worker shutting down"
+# From this attempt of one occurrence on, a database error under the run is a failure rather
+# than an interruption (see `_database_failed`).
+DATABASE_ERROR_ATTEMPTS = 10
+
 _STATUS_BY_REASON = {
     CANCEL_REQUESTED: S.CANCELLED,
     DEADLINE: S.TIMED_OUT,
@@ -95,6 +100,8 @@ def execute(claim: Claim, control: RunControl, holds_claim: Callable[[], bool]) 
             return _stopped(claim, control, exc.reason)
         except AgentError as exc:
             return Outcome(S.FAILED, error=str(exc))
+        except (OperationalError, InterfaceError) as exc:
+            return _database_failed(claim, exc)
         except Exception as exc:
             logger.exception(
                 "job=%s execution=%s user=%s run crashed",
@@ -108,6 +115,37 @@ def execute(claim: Claim, control: RunControl, holds_claim: Callable[[], bool]) 
         output=result.text,
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
+    )
+
+
+def _database_failed(claim: Claim, exc: Exception) -> Outcome:
+    """The database failed under the run (a restart, a dropped connection, a lock timeout): the
+    run did nothing wrong, so it ends `interrupted` and its occurrence runs again at once,
+    without counting against max_retries or max_consecutive_failures (as at a shutdown). An
+    occurrence that keeps meeting database errors is recorded `failed` from its
+    DATABASE_ERROR_ATTEMPTS-th attempt on, so that a fault particular to it cannot hold a slot
+    in a loop of instant retries."""
+    detail = f"{type(exc).__name__}: {exc}".strip()
+    if claim.attempt >= DATABASE_ERROR_ATTEMPTS:
+        logger.error(
+            "job=%s execution=%s user=%s database error on attempt %s: %s",
+            claim.job_id,
+            claim.execution_id,
+            claim.owner_id,
+            claim.attempt,
+            detail,
+        )
+        return Outcome(S.FAILED, error=f"internal error: the database failed: {detail}")
+    logger.warning(
+        "job=%s execution=%s user=%s database error; the run is interrupted and runs again: %s",
+        claim.job_id,
+        claim.execution_id,
+        claim.owner_id,
+        detail,
+    )
+    return Outcome(
+        S.INTERRUPTED,
+        error=f"the database failed during the run ({detail}); it will run again",
     )
 
 
