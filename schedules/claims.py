@@ -25,7 +25,6 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count
 from django.utils.dateparse import parse_datetime
 
 from kernel.models import ToolCall, ToolCallStatus
@@ -49,6 +48,11 @@ logger = logging.getLogger("picobot.claims")
 S = ExecutionStatus
 # Key of the advisory lock that serialises claimers on PostgreSQL ("pico" in ASCII).
 CLAIM_LOCK_KEY = 0x7069636F
+# A claimer that stops between its statements while it holds the claim lock (SIGSTOPped, its
+# VM paused, starved of CPU) would stop every worker's claims with it: PostgreSQL ends its
+# session once it has sat this long in the transaction without sending anything, which releases
+# the lock and rolls its claim back. A claim's own gaps between statements are milliseconds.
+CLAIM_IDLE_LIMIT_MS = 2000
 # Due jobs read per page of the claim's candidate scan.
 CANDIDATE_PAGE = 200
 MAX_OUTPUT_CHARS = 20_000
@@ -175,8 +179,12 @@ def _serialise_claimers() -> datetime:
     """Take the claim lock; returns the database's clock, read once the lock is held."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s), clock_timestamp()", [CLAIM_LOCK_KEY])
-            return cursor.fetchone()[1].astimezone(UTC)
+            cursor.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, true), "
+                "pg_advisory_xact_lock(%s), clock_timestamp()",
+                [str(CLAIM_IDLE_LIMIT_MS), CLAIM_LOCK_KEY],
+            )
+            return cursor.fetchone()[2].astimezone(UTC)
     # SQLite: the transaction began IMMEDIATE (settings), so it already holds the writer lock.
     return db_now()
 
@@ -195,21 +203,24 @@ def _choose(now: datetime, cutoff: datetime, limit: int, result: ClaimResult) ->
     once `free` owners have a pick, so the work is bounded by the slots, not by the backlog.
     """
     config = settings.PICOBOT.scheduler
-    running = _running_by_owner()
+    cap = config.max_concurrent_per_user
+    running, rows, counted = _first_look(now, cutoff, cap)
     free = min(limit, config.max_concurrent - sum(running.values()))
     if free <= 0:
         return []
-    cap = config.max_concurrent_per_user
     closed = {owner for owner, n in running.items() if n >= cap}
     picks: dict[int, list[int]] = {}
     runs: dict[int, int] = {}
     after: tuple[Any, int] | None = None
     while True:
-        rows = _due_page(cutoff, after, closed)
+        if after is not None:
+            rows = _due_page(cutoff, after, closed)
         # Counted here, under the claim lock, once per owner the pages reach; with this claim's
         # own picks added below, the count is exact.
         fresh = {owner for _, owner, system, _ in rows if not system and owner not in runs}
-        runs.update(dict.fromkeys(fresh, 0) | quotas.runs_in_window_by_owner(fresh, now))
+        if after is not None:
+            counted = quotas.runs_in_window_by_owner(fresh, now)
+        runs.update({owner: counted.get(owner, 0) for owner in fresh})
         for job_id, owner, system, _ in rows:
             if owner in closed:
                 continue
@@ -239,13 +250,40 @@ def _round_robin(picks: dict[int, list[int]], free: int) -> list[int]:
     return chosen[:free]
 
 
-def _running_by_owner() -> dict[int, int]:
-    return dict(
-        Execution.objects.filter(status=S.RUNNING)
-        .values("job__owner_id")
-        .annotate(n=Count("id"))
-        .values_list("job__owner_id", "n")
+def _first_look(
+    now: datetime, cutoff: datetime, cap: int
+) -> tuple[dict[int, int], list[tuple[int, int, bool, Any]], dict[int, int]]:
+    """What a claim needs to know, in ONE statement (each round trip under the claim lock costs
+    every waiting worker): the running executions by owner, the first page of due jobs of the
+    owners below `cap` (as `_due_page` gives it), and the runs in the window of that page's
+    owners (the system principal's are not limited, so not counted)."""
+    execution, job = Execution._meta.db_table, Job._meta.db_table
+    page_sql, page_params = _due_page_sql(cutoff, None, "SELECT owner FROM running WHERE n >= %s")
+    runs_sql, runs_params = quotas.runs_in_window_sql(
+        "SELECT owner_id FROM page WHERE NOT is_system", now
     )
+    sql = (
+        f"WITH running AS (SELECT j.owner_id AS owner, COUNT(*) AS n FROM {execution} e "  # noqa: S608 (names from the models, values bound)
+        f"JOIN {job} j ON j.id = e.job_id WHERE e.status = %s GROUP BY j.owner_id), "
+        f"page AS ({page_sql}) "
+        "SELECT 0, owner, n, NULL, NULL FROM running "
+        "UNION ALL SELECT 1, id, owner_id, is_system, next_run_at FROM page "
+        f"UNION ALL SELECT 2, counted.*, NULL, NULL FROM ({runs_sql}) counted"
+    )
+    running: dict[int, int] = {}
+    page: list[tuple[int, int, bool, Any]] = []
+    counted: dict[int, int] = {}
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [S.RUNNING, *page_params, cap, CANDIDATE_PAGE, *runs_params])
+        for kind, a, b, c, d in cursor.fetchall():
+            if kind == 0:
+                running[a] = int(b)
+            elif kind == 1:
+                page.append((a, b, bool(c), d))
+            elif b:
+                counted[a] = int(b)
+    page.sort(key=lambda row: (row[3], row[0]))
+    return running, page, counted
 
 
 def _due_page(
@@ -253,6 +291,18 @@ def _due_page(
 ) -> list[tuple[int, int, bool, Any]]:
     """One page of due jobs, oldest first, from the due index: (id, owner, owner is the system
     principal, next_run_at as the database gave it, for the next page's start)."""
+    marks = ", ".join(["%s"] * len(closed))
+    sql, params = _due_page_sql(cutoff, after, marks if closed else "")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, *sorted(closed), CANDIDATE_PAGE])
+        return [(row[0], row[1], bool(row[2]), row[3]) for row in cursor.fetchall()]
+
+
+def _due_page_sql(
+    cutoff: datetime, after: tuple[Any, int] | None, closed_sql: str
+) -> tuple[str, list[Any]]:
+    """`_due_page`'s query, leaving out the owners `closed_sql` lists ("": none); the caller
+    binds that list's values and then the page size, after the parameters returned."""
     table, users = Job._meta.db_table, Job._meta.get_field("owner").related_model._meta.db_table
     sql = (
         f"SELECT j.id, j.owner_id, u.is_system, j.next_run_at FROM {table} j "  # noqa: S608 (names from the models, values bound)
@@ -264,13 +314,10 @@ def _due_page(
     if after is not None:
         sql += " AND (j.next_run_at, j.id) > (%s, %s)"
         params += list(after)
-    if closed:
-        sql += f" AND j.owner_id NOT IN ({', '.join(['%s'] * len(closed))})"
-        params += sorted(closed)
+    if closed_sql:
+        sql += f" AND j.owner_id NOT IN ({closed_sql})"
     sql += " ORDER BY j.next_run_at, j.id LIMIT %s"
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, CANDIDATE_PAGE])
-        return [(row[0], row[1], bool(row[2]), row[3]) for row in cursor.fetchall()]
+    return sql, params
 
 
 def _claim_rows(job_ids: list[int], worker_id: str, cutoff: datetime) -> tuple[list[Job], datetime]:

@@ -80,17 +80,25 @@ def runs_in_window_by_owner(owner_ids: Iterable[int], now: datetime) -> dict[int
     owners = sorted(set(owner_ids))
     if not owners:
         return {}
-    job, execution = Job._meta.db_table, Execution._meta.db_table
     marks = ", ".join(["%s"] * len(owners))
+    sql, params = runs_in_window_sql(marks, now)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, *owners])
+        return {owner: int(n) for owner, n in cursor.fetchall() if n}
+
+
+def runs_in_window_sql(owners_sql: str, now: datetime) -> tuple[str, list[Any]]:
+    """The query of `runs_in_window_by_owner` as SQL, (owner_id, count) rows, for the owners
+    `owners_sql` lists (placeholders, or a subquery of the caller's statement); its own
+    parameters come first."""
+    job, execution = Job._meta.db_table, Execution._meta.db_table
     sql = (
         f"SELECT j.owner_id, SUM((SELECT COUNT(*) FROM {execution} e WHERE e.job_id = j.id "  # noqa: S608 (names from the models, values bound)
         f"AND e.started_at >= %s AND NOT (e.status = %s))) FROM {job} j "
-        f"WHERE j.owner_id IN ({marks}) GROUP BY j.owner_id"
+        f"WHERE j.owner_id IN ({owners_sql}) GROUP BY j.owner_id"
     )
     start = connection.ops.adapt_datetimefield_value(_window_start(now))
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [start, ExecutionStatus.SKIPPED, *owners])
-        return {owner: int(n) for owner, n in cursor.fetchall() if n}
+    return sql, [start, ExecutionStatus.SKIPPED]
 
 
 def can_run(owner_id: int, now: datetime, *, is_system: bool | None = None) -> bool:

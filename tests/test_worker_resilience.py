@@ -8,11 +8,11 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import OperationalError, connection
+from django.db import DatabaseError, OperationalError, connection, transaction
 
 from schedules import claims, lifecycle
 from schedules.dbtime import db_now
-from schedules.models import Execution, ExecutionStatus
+from schedules.models import Execution, ExecutionStatus, Job
 from schedules.worker import Worker
 from tests.worker_support import Workers, due_job, wait_until
 
@@ -210,3 +210,42 @@ def test_a_worker_starting_while_the_database_is_unreachable_waits_for_it(monkey
     monkeypatch.setattr(runworker, "STARTUP_RETRY_SECS", 0.0)
     runworker.Command().load_heartbeats()
     assert len(attempts) == 3
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the claim lock is PostgreSQL's")
+def test_a_claimer_stalled_while_it_holds_the_claim_lock_does_not_stop_the_others(
+    make_user,
+) -> None:
+    # Found by the soak: a worker SIGSTOPped while it held the claim lock (it had been waiting
+    # for it) stopped every other worker's claims until it was resumed. The server ends the
+    # stalled session after CLAIM_IDLE_LIMIT_MS, so the lock (and its claim) goes with it.
+    stall_secs = 12.0
+    job = due_job(make_user())
+    holding = threading.Event()
+    outcome: dict[str, str] = {}
+
+    def stalled_claimer() -> None:
+        try:
+            with transaction.atomic():
+                claims._serialise_claimers()
+                holding.set()
+                time.sleep(stall_secs)  # sends nothing, as a stopped process
+                Job.objects.count()
+            outcome["error"] = ""
+        except DatabaseError as exc:  # InternalError: 25P03, idle_in_transaction_session_timeout
+            outcome["error"] = str(exc)
+        finally:
+            connection.close()
+
+    stalled = threading.Thread(target=stalled_claimer)
+    stalled.start()
+    try:
+        assert holding.wait(10)
+        began = time.monotonic()
+        result = claims.claim_due("other", 1)
+        waited = time.monotonic() - began
+    finally:
+        stalled.join()
+    assert [claim.job_id for claim in result.claims] == [job.pk]
+    assert waited < stall_secs / 2, f"the claim waited {waited:.1f} s for the stalled claimer"
+    assert "idle-in-transaction" in outcome["error"]
