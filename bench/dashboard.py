@@ -74,6 +74,7 @@ def fill(executions: int) -> None:
         batch.append(
             Execution(
                 job=jobs[n % JOBS],
+                owner_id=jobs[n % JOBS].owner_id,
                 scheduled_for=due,
                 started_at=started,
                 finished_at=None if status == "running" else started + timedelta(seconds=2),

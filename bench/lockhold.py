@@ -109,30 +109,31 @@ def _history(job_ids: list[int], per_job: int) -> None:
     """`per_job` finished executions of each job, started within the last half hour."""
     from django.db import connection
 
-    from schedules.models import Execution
+    from schedules.models import Execution, Job
 
-    table = Execution._meta.db_table
+    table, jobs = Execution._meta.db_table, Job._meta.db_table
     for job_id in job_ids:
         if connection.vendor == "postgresql":
             sql = (
-                f"INSERT INTO {table} (job_id, scheduled_for, attempt, status, started_at, "  # noqa: S608 (names from the model)
-                "finished_at, worker_id, schedule_version, prompt, capabilities, output, error, "
-                "prompt_tokens, completion_tokens, missed_count) SELECT %s, "
-                "now() - g * interval '1 ms', 1, 'succeeded', now() - g * interval '1 ms', now(), "
-                "'w', 1, 'p', '[]', 'ok', '', 0, 0, 0 FROM generate_series(1, %s) g"
+                f"INSERT INTO {table} (job_id, owner_id, scheduled_for, attempt, status, "  # noqa: S608 (names from the model)
+                "started_at, finished_at, worker_id, schedule_version, prompt, capabilities, "
+                "output, error, prompt_tokens, completion_tokens, missed_count) SELECT j.id, "
+                "j.owner_id, now() - g * interval '1 ms', 1, 'succeeded', now() - g * interval '1 ms', now(), "
+                "'w', 1, 'p', '[]', 'ok', '', 0, 0, 0 FROM generate_series(1, %s) g, "
+                f"{jobs} j WHERE j.id = %s"
             )
         else:
             sql = (
                 f"WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < %s) "  # noqa: S608 (names from the model)
-                f"INSERT INTO {table} (job_id, scheduled_for, attempt, status, started_at, "
-                "finished_at, worker_id, schedule_version, prompt, capabilities, output, error, "
-                "prompt_tokens, completion_tokens, missed_count) SELECT %s, "
-                "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', '-' || (g / 1000.0) || ' seconds'), "
+                f"INSERT INTO {table} (job_id, owner_id, scheduled_for, attempt, status, "
+                "started_at, finished_at, worker_id, schedule_version, prompt, capabilities, "
+                "output, error, prompt_tokens, completion_tokens, missed_count) SELECT j.id, "
+                "j.owner_id, strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', '-' || (g / 1000.0) || ' seconds'), "
                 "1, 'succeeded', strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', '-' || (g / 1000.0) "
                 "|| ' seconds'), strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now'), 'w', 1, 'p', '[]', "
-                "'ok', '', 0, 0, 0 FROM s"
+                f"'ok', '', 0, 0, 0 FROM s, {jobs} j WHERE j.id = %s"
             )
-        params = [job_id, per_job] if connection.vendor == "postgresql" else [per_job, job_id]
+        params = [per_job, job_id]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
 

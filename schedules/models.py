@@ -7,6 +7,7 @@ Contended rows are changed only by conditional UPDATEs whose row count is checke
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -152,6 +153,19 @@ class Execution(models.Model):
     """One attempt at one occurrence of a job."""
 
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="executions")
+    # The job's owner, copied when the row is written: the runs in an owner's rolling window are
+    # counted from (owner, started_at) alone, whatever number of jobs the owner has had. No
+    # constraint of its own: the row goes with its job, and the job with its owner.
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        editable=False,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        db_index=False,
+        related_name="+",
+    )
     scheduled_for = models.DateTimeField()
     attempt = models.PositiveIntegerField(default=1)
     status = models.CharField(
@@ -185,18 +199,24 @@ class Execution(models.Model):
                 name="execution_running_idx",
             ),
             models.Index(fields=["finished_at"], name="execution_finished_idx"),
-            # Runs per rolling window, counted under the claim lock for each candidate owner:
-            # the owner's jobs, then each job's runs since the window's start, from the index
-            # alone (skipped executions never ran and are not in it).
+            # Runs per rolling window, counted under the claim lock for each candidate owner
+            # from the index alone, at most max_runs_per_window entries of it (skipped
+            # executions never ran and are not in it).
             models.Index(
-                fields=["job", "started_at"],
+                fields=["owner", "started_at"],
                 condition=~Q(status="skipped"),
-                name="execution_job_started_idx",
+                name="execution_owner_started_idx",
             ),
         ]
 
     def __str__(self) -> str:
         return f"{self.job_id}@{self.scheduled_for:%Y-%m-%d %H:%M:%S} #{self.attempt} {self.status}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.owner_id is None and self.job_id is not None:
+            owners = Job.objects.filter(pk=self.job_id).values_list("owner_id", flat=True)
+            self.owner_id = owners.first()
+        super().save(*args, **kwargs)
 
     @property
     def total_tokens(self) -> int:
