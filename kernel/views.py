@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.db import InterfaceError, OperationalError
 from django.db.models import F
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
@@ -145,7 +146,10 @@ class ChatView(APIView):
                 response=_detail, description="Too many requests, or too many turns running."
             ),
             502: OpenApiResponse(response=_detail, description="The model failed."),
-            503: OpenApiResponse(response=_detail, description="No model is configured."),
+            503: OpenApiResponse(
+                response=_detail,
+                description="No model is configured, or the database failed during the turn.",
+            ),
             504: OpenApiResponse(response=_detail, description="The turn ran out of time."),
         },
         description="Runs the agent on `message` with the session's capabilities and answers "
@@ -212,6 +216,13 @@ class ChatView(APIView):
             return Response({"detail": "The turn ran out of time."}, status=504)
         except Cancelled as exc:
             return Response({"detail": f"The turn was cancelled: {exc.reason}"}, status=503)
+        except (OperationalError, InterfaceError):
+            # A restart or a dropped connection under the turn (a tool's write, the audit):
+            # not the caller's fault, and nothing of the turn was kept.
+            logger.warning("chat turn of session %s: the database failed", session.pk)
+            return Response(
+                {"detail": "The database failed during the turn; send it again."}, status=503
+            )
         updated = ChatSession.objects.filter(pk=session.pk, version=session.version).update(
             messages=_storable(trim_history(result.messages)),
             version=F("version") + 1,

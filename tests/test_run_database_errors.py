@@ -6,6 +6,7 @@ were recorded `failed` with "internal error" for connections the fault injector 
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -181,3 +182,21 @@ def test_a_run_that_succeeded_keeps_its_calls_as_they_were(
     assert [r.status for r in ToolCall.objects.filter(execution__job=job)] == [
         ToolCallStatus.FINISHED
     ]
+
+
+@pytest.mark.django_db
+def test_a_chat_turn_that_meets_a_database_error_is_a_503_not_the_tools_failure(
+    make_user, model_server, api_client_for, database_gone_tool
+) -> None:
+    # In a chat turn the error is the caller's to retry: a clear 503, and the model is not told
+    # that its tool failed.
+    database_gone_tool.failures = 1
+    model_server.add(CALL)
+    model_server.reply_always("done")
+    client = api_client_for(make_user())
+    response = client.post(
+        "/api/v1/chat", json.dumps({"message": "write it"}), content_type="application/json"
+    )
+    assert response.status_code == 503, response.content
+    assert response.json() == {"detail": "The database failed during the turn; send it again."}
+    assert len(model_server.requests) == 1
