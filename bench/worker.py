@@ -76,9 +76,9 @@ def _install_batch_counters() -> None:
     )
     locked = threading.local()
 
-    def timed_serialise() -> Any:
+    def timed_serialise(*args: Any) -> Any:
         begin = time.monotonic()
-        now = serialise()
+        now = serialise(*args)
         locked.at = time.monotonic()
         _batches["lock_wait"] += locked.at - begin
         return now

@@ -201,8 +201,11 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
     result = ClaimResult()
     if limit <= 0:
         return result
+    # Settings made for the claim's transaction hold to the end of the outermost one: inside a
+    # caller's transaction they would outlive the claim, so they are made only in our own.
+    own_transaction = not connection.in_atomic_block
     with transaction.atomic():
-        now = _serialise_claimers()
+        now = _serialise_claimers(own_transaction)
         cutoff = now if due_before is None else min(now, due_before)
         chosen = _choose(now, cutoff, limit, result)
         if not chosen:
@@ -223,18 +226,25 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
     return result
 
 
-def _serialise_claimers() -> datetime:
-    """Take the claim lock; returns the database's clock, read once the lock is held."""
+def _serialise_claimers(own_transaction: bool = True) -> datetime:
+    """Take the claim lock; returns the database's clock, read once the lock is held.
+
+    `own_transaction`: the claim's transaction is the outermost one, so the settings it makes
+    for itself (see CLAIM_IDLE_LIMIT_MS) end with it."""
     if connection.vendor == "postgresql":
+        settings_sql = (
+            "set_config('idle_in_transaction_session_timeout', %s, true), "
+            "set_config('jit', 'off', true), "
+            "set_config('plan_cache_mode', 'force_generic_plan', true)"
+            if own_transaction
+            else "%s"
+        )
         with _cursor() as cursor:
             cursor.execute(
-                "SELECT set_config('idle_in_transaction_session_timeout', %s, true), "
-                "set_config('jit', 'off', true), "
-                "set_config('plan_cache_mode', 'force_generic_plan', true), "
-                "pg_advisory_xact_lock(%s), clock_timestamp()",
+                f"SELECT {settings_sql}, pg_advisory_xact_lock(%s), clock_timestamp()",
                 [str(CLAIM_IDLE_LIMIT_MS), CLAIM_LOCK_KEY],
             )
-            return cursor.fetchone()[4].astimezone(UTC)
+            return cursor.fetchone()[-1].astimezone(UTC)
     # SQLite: the transaction began IMMEDIATE (settings), so it already holds the writer lock.
     return db_now()
 

@@ -34,6 +34,26 @@ def agent_context(user: Any, control: RunControl) -> ToolContext:
     return ToolContext(user=user, capabilities=CapabilitySet(), control=control)
 
 
+class CancelWhen(threading.Thread):
+    """Cancels `control` once `ready()` holds (the held request has reached the server), so the
+    cancel meets a request in flight however slow the machine; `cancel()` gives up."""
+
+    def __init__(self, ready: Callable[[], bool], control: RunControl) -> None:
+        super().__init__(daemon=True)
+        self.ready, self.control, self.given_up = ready, control, threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + HELD_SECS
+        while not self.given_up.is_set() and time.monotonic() < deadline:
+            if self.ready():
+                self.control.cancel("cancelled by the owner")
+                return
+            time.sleep(0.01)
+
+    def cancel(self) -> None:
+        self.given_up.set()
+
+
 @pytest.mark.django_db
 def test_a_cancel_stops_a_model_request_whose_answer_is_held(
     model_server, make_user, caplog
@@ -44,7 +64,7 @@ def test_a_cancel_stops_a_model_request_whose_answer_is_held(
     # The held request goes out on the connection the first one left in the pool.
     assert run_agent("first", agent_context(user, RunControl())).text == "warm"
     control = RunControl.with_timeout(HELD_SECS * 2)
-    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    timer = CancelWhen(lambda: len(model_server.requests) >= 2, control)
     started = time.monotonic()
     timer.start()
     try:
@@ -114,7 +134,7 @@ def test_a_cancel_stops_a_model_request_sent_through_a_proxy_from_the_environmen
     answer = threading.Event()
     model_server.add({"hold": answer, "content": "late"})
     control = RunControl.with_timeout(HELD_SECS * 2)
-    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    timer = CancelWhen(lambda: len(model_server.requests) >= 1, control)
     started = time.monotonic()
     timer.start()
     try:
@@ -209,7 +229,7 @@ UNDELIMITED = (
 def test_a_cancel_stops_an_answer_without_a_length_that_has_begun(make_user, raw_model) -> None:
     server = raw_model(UNDELIMITED)
     control = RunControl.with_timeout(HELD_SECS * 2)
-    timer = threading.Timer(0.5, control.cancel, args=("cancelled by the owner",))
+    timer = CancelWhen(lambda: server.requests >= 1, control)
     started = time.monotonic()
     timer.start()
     try:

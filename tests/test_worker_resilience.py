@@ -249,3 +249,23 @@ def test_a_claimer_stalled_while_it_holds_the_claim_lock_does_not_stop_the_other
     assert [claim.job_id for claim in result.claims] == [job.pk]
     assert waited < stall_secs / 2, f"the claim waited {waited:.1f} s for the stalled claimer"
     assert "idle-in-transaction" in outcome["error"]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL settings")
+def test_a_claim_inside_a_callers_transaction_leaves_its_settings_alone(make_user) -> None:
+    # The claim's own settings (the idle limit above, generic plans) would last to the end of
+    # the outermost transaction, and end a caller's session that paused for 2 s after it.
+    due_job(make_user())
+
+    def current() -> tuple[str, str, str]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT current_setting('idle_in_transaction_session_timeout'), "
+                "current_setting('plan_cache_mode'), current_setting('jit')"
+            )
+            return cursor.fetchone()
+
+    with transaction.atomic():
+        before = current()
+        assert len(claims.claim_due("nested", 1).claims) == 1
+        assert current() == before
