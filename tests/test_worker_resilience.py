@@ -253,7 +253,7 @@ def test_a_claimer_stalled_while_it_holds_the_claim_lock_does_not_stop_the_other
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL settings")
 def test_a_claim_inside_a_callers_transaction_leaves_its_settings_alone(make_user) -> None:
-    # The claim's own settings (the idle limit above, generic plans) would last to the end of
+    # The claim's own settings (the idle limit above, JIT off) would last to the end of
     # the outermost transaction, and end a caller's session that paused for 2 s after it.
     due_job(make_user())
 
