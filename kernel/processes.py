@@ -104,6 +104,16 @@ def interrupt_calls(execution_id: int) -> int:
     return _interrupt(rows, "its worker stopped during the call", f"of execution {execution_id}")
 
 
+def interrupt_unrecorded_calls(execution_ids: list[int]) -> int:
+    """Mark the calls still `started` of runs that have ended (their result could not be
+    written: the database failed just after the tool ran) as interrupted, reaping what is left
+    of their processes; called with the runs' completion, inside its transaction."""
+    rows = ToolCall.objects.filter(execution_id__in=execution_ids, status=ToolCallStatus.STARTED)
+    return _interrupt(
+        rows, "the run ended before the call's result was recorded", "of an ended run"
+    )
+
+
 def interrupt_abandoned_chat_calls(older_than_secs: float, limit: int = 100) -> int:
     """Mark chat calls still `started` after `older_than_secs` (longer than any turn lasts) as
     interrupted, reaping their processes on this host; at most `limit` at a time."""

@@ -27,8 +27,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils.dateparse import parse_datetime
 
-from kernel.models import ToolCall, ToolCallStatus
-from kernel.processes import interrupt_calls
+from kernel.processes import interrupt_calls, interrupt_unrecorded_calls
 from schedules import metrics, quotas
 from schedules.dbtime import db_now
 from schedules.models import FAILURE_STATUSES, Execution, ExecutionStatus, Job
@@ -53,9 +52,7 @@ CLAIM_LOCK_KEY = 0x7069636F
 # session once it has sat this long in the transaction without sending anything, which releases
 # the lock and rolls its claim back. A claim's own gaps between statements are milliseconds.
 # JIT is off in the claim too: compiling a plan whose estimate looks big costs tens of
-# milliseconds under the lock, for statements that run in one or two. (Forcing the prepared
-# statements' generic plans here was tried and refused: the generic plan of the runs-per-window
-# count scanned the executions, 357 ms a claim at 100k executions in the window.)
+# milliseconds under the lock, for statements that run in one or two.
 CLAIM_IDLE_LIMIT_MS = 2000
 # Due jobs read per page of the claim's candidate scan.
 CANDIDATE_PAGE = 200
@@ -85,50 +82,6 @@ def wake_workers() -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute(f"NOTIFY {WAKE_CHANNEL}")
-
-
-def _cursor() -> Any:
-    """A cursor for the statements on every run's path (claim, completion, the idle tick).
-
-    On PostgreSQL its statements are bound on the server and prepared once per connection
-    (psycopg names them; the text of each is the same whatever the values), so the planner's
-    work is not redone for every claim under the claim lock: planning a due-jobs query cost
-    1-17 ms there, most of it probing the ends of indexes that updates and deletes fill with
-    dead entries, for statements that then run in a fraction of that. Django's own cursors bind
-    on the client and never prepare, so only these statements are affected."""
-    if connection.vendor != "postgresql":
-        return connection.cursor()
-    from django.db.backends.postgresql.base import ServerBindingCursor
-
-    connection.ensure_connection()
-    raw = connection.connection
-    raw.prepare_threshold = 0  # only server-binding cursors prepare
-    # Django's wrapper, as connection.cursor() gives it: its errors, its execute wrappers.
-    return connection._prepare_cursor(ServerBindingCursor(raw))
-
-
-def _fetch_jobs(sql: str, params: list[Any]) -> list[Job]:
-    """`Job.objects.raw(sql, params)` through `_cursor()`; `sql` selects every concrete field in
-    model order."""
-    fields = Job._meta.concrete_fields
-    with _cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall()
-    converters = []
-    for i, model_field in enumerate(fields):
-        column = model_field.get_col(Job._meta.db_table)
-        found = [*connection.ops.get_db_converters(column), *column.get_db_converters(connection)]
-        if found:
-            converters.append((i, column, found))
-    names = [model_field.attname for model_field in fields]
-    jobs = []
-    for row in rows:
-        values = list(row)
-        for i, column, found in converters:
-            for convert in found:
-                values[i] = convert(values[i], column, connection)
-        jobs.append(Job.from_db(connection.alias, names, values))
-    return jobs
 
 
 class ClaimLost(Exception):
@@ -232,18 +185,16 @@ def _serialise_claimers(own_transaction: bool = True) -> datetime:
     `own_transaction`: the claim's transaction is the outermost one, so the settings it makes
     for itself (see CLAIM_IDLE_LIMIT_MS) end with it."""
     if connection.vendor == "postgresql":
-        settings_sql = (
-            "set_config('idle_in_transaction_session_timeout', %s, true), "
-            "set_config('jit', 'off', true)"
-            if own_transaction
-            else "%s"
-        )
-        with _cursor() as cursor:
-            cursor.execute(
-                f"SELECT {settings_sql}, pg_advisory_xact_lock(%s), clock_timestamp()",
-                [str(CLAIM_IDLE_LIMIT_MS), CLAIM_LOCK_KEY],
+        sql, params = "SELECT pg_advisory_xact_lock(%s), clock_timestamp()", [CLAIM_LOCK_KEY]
+        if own_transaction:
+            sql += (
+                ", set_config('idle_in_transaction_session_timeout', %s, true), "
+                "set_config('jit', 'off', true)"
             )
-            return cursor.fetchone()[-1].astimezone(UTC)
+            params.append(str(CLAIM_IDLE_LIMIT_MS))
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()[1].astimezone(UTC)
     # SQLite: the transaction began IMMEDIATE (settings), so it already holds the writer lock.
     return db_now()
 
@@ -270,15 +221,10 @@ def _choose(now: datetime, cutoff: datetime, limit: int, result: ClaimResult) ->
     closed = {owner for owner, n in running.items() if n >= cap}
     picks: dict[int, list[int]] = {}
     runs: dict[int, int] = {}
-    after: tuple[Any, int] | None = None
     while True:
-        if after is not None:
-            rows = _due_page(cutoff, after, closed)
-        # Counted here, under the claim lock, once per owner the pages reach; with this claim's
-        # own picks added below, the count is exact.
+        # Counted under the claim lock, once per owner the pages reach (the first page's in the
+        # first look); with this claim's own picks added below, the count is exact.
         fresh = {owner for _, owner, system, _ in rows if not system and owner not in runs}
-        if after is not None:
-            counted = quotas.runs_in_window_by_owner(fresh, now)
         runs.update({owner: counted.get(owner, 0) for owner in fresh})
         for job_id, owner, system, _ in rows:
             if owner in closed:
@@ -294,7 +240,10 @@ def _choose(now: datetime, cutoff: datetime, limit: int, result: ClaimResult) ->
                 closed.add(owner)
         if len(rows) < CANDIDATE_PAGE or sum(1 for mine in picks.values() if mine) >= free:
             break
-        after = (rows[-1][3], rows[-1][0])
+        rows = _due_page(cutoff, (rows[-1][3], rows[-1][0]), closed)
+        counted = quotas.runs_in_window_by_owner(
+            {owner for _, owner, system, _ in rows if not system and owner not in runs}, now
+        )
     return _round_robin(picks, free)
 
 
@@ -332,7 +281,7 @@ def _first_look(
     running: dict[int, int] = {}
     page: list[tuple[int, int, bool, Any]] = []
     counted: dict[int, int] = {}
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(sql, [S.RUNNING, *page_params, cap, CANDIDATE_PAGE, *runs_params])
         for kind, a, b, c, d in cursor.fetchall():
             if kind == 0:
@@ -352,7 +301,7 @@ def _due_page(
     principal, next_run_at as the database gave it, for the next page's start)."""
     marks = ", ".join(["%s"] * len(closed))
     sql, params = _due_page_sql(cutoff, after, marks if closed else "")
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(sql, [*params, *sorted(closed), CANDIDATE_PAGE])
         return [(row[0], row[1], bool(row[2]), row[3]) for row in cursor.fetchall()]
 
@@ -408,7 +357,7 @@ def _claim_rows(job_ids: list[int], worker_id: str, cutoff: datetime) -> tuple[l
         )
         params = [worker_id, ops.adapt_datetimefield_value(now), lease, *job_ids]
         params += [ops.adapt_datetimefield_value(cutoff), len(job_ids)]
-    jobs = _fetch_jobs(sql, params)
+    jobs = list(Job.objects.raw(sql, params))
     if not jobs:
         return [], db_now()
     jobs.sort(key=lambda job: (job.next_run_at, job.pk))
@@ -583,7 +532,7 @@ def _insert_executions(rows: list[Execution]) -> dict[int, int]:
     params = [
         f.get_db_prep_save(f.pre_save(row, add=True), connection) for row in rows for f in fields
     ]
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return dict(cursor.fetchall())
 
@@ -687,7 +636,7 @@ def _update_jobs(names: tuple[str, ...], group: list[tuple[int, UUID, dict[str, 
         f"WHERE {table}.id = v.{aliases[0]} AND {table}.claim_token = v.{aliases[1]} "
         f"RETURNING {table}.id"
     )
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return {row[0] for row in cursor.fetchall()}
 
@@ -762,7 +711,7 @@ def agenda() -> Agenda:
         now_sql = "clock_timestamp()"
     else:
         now_sql = "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now')"
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT {now_sql}, ({due_sql}), ({lease_sql})",
             [*due_params, *lease_params],
@@ -829,7 +778,11 @@ def complete_many(done: list[tuple[Claim, Outcome]]) -> list[str]:
         jobs = _lock_held_jobs([claim for claim, _ in done])
         held = [i for i, (claim, _) in enumerate(done) if claim.job_id in jobs]
         finished = _finish_executions([done[i] for i in held], now)
-        _close_unrecorded_calls([i for i, status in finished.items() if status != S.SUCCEEDED])
+        # A run that succeeded recorded all of its calls; one that did not may have left one
+        # `started` whose result it could not write.
+        ended = [i for i, status in finished.items() if status != S.SUCCEEDED]
+        if ended:
+            interrupt_unrecorded_calls(ended)
         statuses = [outcome.status for _, outcome in done]
         for i, (claim, outcome) in enumerate(done):
             if claim.execution_id not in finished:
@@ -847,19 +800,6 @@ def complete_many(done: list[tuple[Claim, Outcome]]) -> list[str]:
         record_superseded(*done[i])
         statuses[i] = S.SUPERSEDED
     return statuses
-
-
-def _close_unrecorded_calls(execution_ids: list[int]) -> None:
-    """A run that ended without success may leave a tool call `started` whose result it could
-    not write (the database failed just after the tool ran): the call's row is closed with the
-    run, so no row stays `started` for good. A run that succeeded recorded all of its calls."""
-    if execution_ids:
-        ToolCall.objects.filter(
-            execution_id__in=execution_ids, status=ToolCallStatus.STARTED
-        ).update(
-            status=ToolCallStatus.INTERRUPTED,
-            error="interrupted: the run ended before the call's result was recorded",
-        )
 
 
 def _lock_held_jobs(claims: list[Claim]) -> dict[int, Job]:
@@ -890,7 +830,7 @@ def _lock_held_jobs(claims: list[Claim]) -> dict[int, Job]:
             for claim, token in zip(claims, tokens, strict=True)
             for value in (claim.job_id, token)
         ]
-    return {job.pk: job for job in _fetch_jobs(sql, params)}
+    return {job.pk: job for job in Job.objects.raw(sql, params)}
 
 
 def _finish_executions(done: list[tuple[Claim, Outcome]], now: datetime) -> dict[int, str]:
@@ -932,7 +872,7 @@ def _finish_executions(done: list[tuple[Claim, Outcome]], now: datetime) -> dict
         f"WHERE {table}.id = v.{names[0]} AND {table}.claim_token = v.{names[1]} "
         f"AND {table}.status = 'running' RETURNING {table}.id, {table}.status"
     )
-    with _cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(sql, [stamp, CANCELLED_ON_REQUEST, *params])
         return dict(cursor.fetchall())
 

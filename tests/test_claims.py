@@ -149,6 +149,38 @@ def test_an_over_quota_occurrence_is_deferred_and_keeps_its_scheduled_time(
     assert c.job_id == late.pk and c.scheduled_for == due
 
 
+def test_an_owner_first_reached_on_a_later_page_has_their_runs_counted(
+    make_job, make_user, picobot_config, monkeypatch
+):
+    # The first page's owners are counted in the claim's first statement, later pages' owners
+    # by a query of their own: an owner at the quota only on page two is held back too, and
+    # one just below it gets exactly one more run.
+    monkeypatch.setattr(claims, "CANDIDATE_PAGE", 2)
+    picobot_config("scheduler", max_runs_per_window=2, max_concurrent_per_user=5)
+    early, at_limit, below = make_user(), make_user(), make_user()
+    for owner in (at_limit, below):
+        done = make_job(owner, next_run_at=db_now() - timedelta(hours=2))
+        [c] = claim()
+        claims.complete(c, Outcome(S.SUCCEEDED, output="done"))
+        if owner is at_limit:
+            done.refresh_from_db()
+            done.next_run_at = db_now() - timedelta(hours=2)
+            done.save(update_fields=["next_run_at"])
+            [c] = claim()
+            claims.complete(c, Outcome(S.SUCCEEDED, output="done"))
+        Job.objects.filter(pk=done.pk).update(enabled=False)  # its runs count; it is not due
+    oldest = db_now() - timedelta(minutes=30)
+    for _ in range(2):
+        make_job(early, next_run_at=oldest)
+    blocked = [make_job(at_limit, next_run_at=oldest + timedelta(minutes=1)) for _ in range(2)]
+    allowed = [make_job(below, next_run_at=oldest + timedelta(minutes=2)) for _ in range(2)]
+    result = claims.claim_due("w", 10)
+    taken = {c.job_id for c in result.claims}
+    assert not taken & {job.pk for job in blocked}
+    assert len(taken & {job.pk for job in allowed}) == 1
+    assert result.deferred >= 2
+
+
 def test_the_system_principal_is_exempt_from_the_runs_quota(make_job, make_user, picobot_config):
     picobot_config("scheduler", max_runs_per_window=1)
     system = make_user(is_system=True)

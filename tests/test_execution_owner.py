@@ -75,6 +75,8 @@ def test_a_count_stops_at_the_limit(make_user: Callable[..., User], picobot_conf
     job = due_job(owner)
     for i in range(7):
         _run(job, 10 + i)
+        # Exact below the limit and at it, and no further one past it.
+        assert runs_in_window(owner.pk, timezone.now()) == min(i + 1, 3)
     assert runs_in_window(owner.pk, timezone.now()) == 3
 
 
