@@ -395,6 +395,10 @@ class Worker:
         `agenda` (read `elapsed_secs` ago, and still current) saves reading it again."""
         secs = self.idle_secs(agenda, elapsed_secs)
         fds = self._listen_fds()
+        if fds and self._drain_notifies():
+            # A wake-up psycopg read along with another reply (the LISTEN's own, when the
+            # NOTIFY followed it at once) waits in its buffer, not on the socket: do not sleep.
+            secs = 0.0
         if not fds and connection.vendor == "postgresql":
             # Not listening (the server was away): a NOTIFY cannot wake us, so try again soon.
             secs = min(secs, RELISTEN_SECS)
@@ -720,18 +724,22 @@ class Worker:
             self._lose_listener()
             return []
 
-    def _drain_notifies(self) -> None:
+    def _drain_notifies(self) -> bool:
+        """Read the wake-ups waiting on the listener; True if there were any."""
         if self._listener is None:
-            return
+            return False
         try:
+            woken = False
             for _ in self._listener.notifies(timeout=0):
-                pass
+                woken = True
             if self._listener.broken or self._listener.closed:
                 raise ConnectionError("the LISTEN connection is closed")
+            return woken
         except Exception:
             # The connection is gone: its socket would otherwise stay readable and end every
             # sleep at once.
             self._lose_listener()
+            return False
 
     def _lose_listener(self) -> None:
         """Drop a broken listener; the next idle opens a new one at once."""
