@@ -394,10 +394,8 @@ class Worker:
 
         `agenda` (read `elapsed_secs` ago, and still current) saves reading it again."""
         secs = self.idle_secs(agenda, elapsed_secs)
-        fds = self._listen_fds()
-        if fds and self._drain_notifies():
-            # A wake-up psycopg read along with another reply (the LISTEN's own, when the
-            # NOTIFY followed it at once) waits in its buffer, not on the socket: do not sleep.
+        fds, woken = self._listen_fds()
+        if woken:
             secs = 0.0
         if not fds and connection.vendor == "postgresql":
             # Not listening (the server was away): a NOTIFY cannot wake us, so try again soon.
@@ -710,19 +708,23 @@ class Worker:
             logger.warning("LISTEN %s failed; waking on the tick only", NOTIFY_CHANNEL)
             self._unlisten()
 
-    def _listen_fds(self) -> list[Any]:
-        """The listening socket to wait on. A listener lost to a server restart or a terminated
-        backend is dropped (its errors are psycopg's, not Django's, so they must not reach the
-        loop) and opened again here, at most every RELISTEN_SECS."""
-        if self._listener is None and self._next_listen <= time.monotonic():
-            self._listen()
-        if self._listener is None:
-            return []
-        try:
-            return [self._listener.fileno()]
-        except Exception:
-            self._lose_listener()
-            return []
+    def _listen_fds(self) -> tuple[list[Any], bool]:
+        """The listening socket to wait on, and whether a wake-up is already waiting.
+
+        A wake-up psycopg read along with another reply (the LISTEN's own, when the NOTIFY
+        followed it at once) waits in psycopg's buffer, not on the socket, so it is drained here
+        rather than slept through. A listener lost to a server restart or a terminated backend is
+        dropped (its errors are psycopg's, not Django's, so they must not reach the loop) and
+        opened again here, at most every RELISTEN_SECS: never is a closed socket waited on."""
+        for _ in range(2):
+            if self._listener is None and self._next_listen <= time.monotonic():
+                self._listen()
+            if self._listener is None:
+                return [], False
+            woken = self._drain_notifies()  # drops the listener if it is found broken
+            if self._listener is not None:
+                return [self._listener.fileno()], woken
+        return [], False
 
     def _drain_notifies(self) -> bool:
         """Read the wake-ups waiting on the listener; True if there were any."""

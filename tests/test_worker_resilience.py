@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import signal
 import threading
 import time
@@ -190,6 +191,56 @@ def test_a_worker_whose_listen_connection_is_dropped_listens_again(
         assert process.poll() is None
     finally:
         workers.stop_all()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="LISTEN/NOTIFY is PostgreSQL's")
+@pytest.mark.parametrize("drains_before", [0, 1, 2])
+def test_an_idle_worker_whose_listener_died_between_sleeps_listens_again(
+    picobot_config, drains_before
+) -> None:
+    # Found by CI and the soak: a listener found broken just before the sleep was closed, and
+    # the sleep then waited on its closed socket (EBADF), ending the worker with exit code 1.
+    # psycopg notices a lost connection on the second read of its socket, so the drains after
+    # earlier sleeps decide which read finds it.
+    picobot_config("scheduler", tick_secs=0.2)
+    worker = Worker(worker_id="relisten", concurrency=1)
+    worker._listen()
+    try:
+        [first] = wait_until(_listeners, 10, "the LISTEN connection")
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [first])
+        wait_until(lambda: first not in _listeners(), 10, "the listener to be gone")
+        readable, _, _ = select.select([worker._listener.fileno()], [], [], 10)
+        assert readable, "the server's close to reach the listener's socket"
+        for _ in range(drains_before):
+            worker._drain_notifies()
+        for _ in range(3):
+            worker.idle()
+        assert worker._listener is not None and not worker._listener.closed
+        [second] = wait_until(_listeners, 10, "a new LISTEN connection")
+        assert second != first
+    finally:
+        worker._unlisten()
+        worker._waker.close()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="LISTEN/NOTIFY is PostgreSQL's")
+def test_a_wake_up_psycopg_read_with_another_reply_is_not_slept_through() -> None:
+    # A NOTIFY that arrives while the listener waits on another reply is read with it into
+    # psycopg's buffer: the socket is then quiet, and only draining the buffer finds it.
+    worker = Worker(worker_id="buffered", concurrency=1)
+    worker._listen()
+    try:
+        assert worker._listen_fds() == ([worker._listener.fileno()], False)
+        with connection.cursor() as cursor:
+            cursor.execute(f"NOTIFY {claims.WAKE_CHANNEL}")
+        worker._listener.execute("SELECT pg_sleep(0.2)")
+        fds, woken = worker._listen_fds()
+        assert woken and fds == [worker._listener.fileno()]
+        assert worker._listen_fds() == (fds, False)
+    finally:
+        worker._unlisten()
+        worker._waker.close()
 
 
 def test_a_worker_starting_while_the_database_is_unreachable_waits_for_it(monkeypatch) -> None:
