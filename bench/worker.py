@@ -69,19 +69,21 @@ def _install_counters() -> None:
 def _install_batch_counters() -> None:
     from schedules import claims
 
-    serialise, claim_due, complete_many = (
-        claims._serialise_claimers,
+    look, claim_due, complete_many = (
+        claims._look,
         claims.claim_due,
         claims.complete_many,
     )
     locked = threading.local()
 
-    def timed_serialise(*args: Any) -> Any:
+    def timed_look(*args: Any) -> Any:
+        # The lock and the first look are sent together: the wait includes the look, and the
+        # hold is timed from its answer.
         begin = time.monotonic()
-        now = serialise(*args)
+        found = look(*args)
         locked.at = time.monotonic()
         _batches["lock_wait"] += locked.at - begin
-        return now
+        return found
 
     def timed_claim(*args: Any, **kwargs: Any) -> Any:
         locked.at = None
@@ -97,7 +99,7 @@ def _install_batch_counters() -> None:
         _batches["completed"] += len(done)
         return complete_many(done)
 
-    claims._serialise_claimers = timed_serialise
+    claims._look = timed_look
     claims.claim_due = timed_claim
     claims.complete_many = counted_complete
 

@@ -19,7 +19,7 @@ import random
 import re
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
@@ -150,6 +150,12 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
     Each claimed job gets a fresh claim token, the worker id and a lease; each claimed occurrence
     gets its `running` Execution. Occurrences the misfire policy skips get a `skipped` execution
     and their job moves on without holding a claim. `due_before` narrows "due" (for --once).
+
+    The claim lock is held from the first statement to the commit, and every other claimer
+    waits meanwhile, so on PostgreSQL the claim takes it in few round trips: the lock and the
+    first look are sent together, and the occurrences planned from that look are claimed and
+    their executions written in one statement. Occurrences that are not simply run (the misfire
+    policy or the active hours skip them) take the general path, `_claim_rows` then `_start`.
     """
     result = ClaimResult()
     if limit <= 0:
@@ -158,18 +164,23 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
     # caller's transaction they would outlive the claim, so they are made only in our own.
     own_transaction = not connection.in_atomic_block
     with transaction.atomic():
-        now = _serialise_claimers(own_transaction)
-        cutoff = now if due_before is None else min(now, due_before)
-        chosen = _choose(now, cutoff, limit, result)
+        look = _look(own_transaction, due_before)
+        chosen = _choose(look, limit, result)
         if not chosen:
             return result
-        # The claim statement reads the clock again, after counting: a run that finished unseen
-        # by the count (it committed before the count's snapshot) then has finished_at < our
-        # started_at, so the recorded intervals show the limits exactly as they were enforced.
-        jobs, now = _claim_rows(chosen, worker_id, cutoff)
-        planned = [(job, start) for job in jobs if (start := _start(job, now)) is not None]
-        result.skipped += len(jobs) - len(planned)
-        result.claims.extend(_insert_runs(planned, worker_id, now))
+        general = [row.id for row in chosen]
+        if connection.vendor == "postgresql":
+            planned, general = _plan(chosen, look.now)
+            result.claims.extend(_claim_planned(planned, worker_id, look.cutoff))
+        if general:
+            # The claim statement reads the clock again, after counting: a run that finished
+            # unseen by the count (it committed before the count's snapshot) then has
+            # finished_at < our started_at, so the recorded intervals show the limits exactly
+            # as they were enforced.
+            jobs, now = _claim_rows(general, worker_id, look.cutoff)
+            starts = [(job, start) for job in jobs if (start := _start(job, now)) is not None]
+            result.skipped += len(jobs) - len(starts)
+            result.claims.extend(_insert_runs(starts, worker_id, now))
     # The owners are read after the commit, so the claim lock is not held for it.
     owners = _owners({claim.owner_id for claim in result.claims}) if result.claims else {}
     result.claims = [replace(c, owner=owners.get(c.owner_id)) for c in result.claims]
@@ -179,21 +190,25 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
     return result
 
 
-def _serialise_claimers(own_transaction: bool = True) -> datetime:
-    """Take the claim lock; returns the database's clock, read once the lock is held.
+def _lock_statement(own_transaction: bool = True) -> tuple[str, list[Any]]:
+    """PostgreSQL's claim lock. `own_transaction`: the claim's transaction is the outermost
+    one, so the settings it makes for itself (see CLAIM_IDLE_LIMIT_MS) end with it."""
+    sql, params = "SELECT pg_advisory_xact_lock(%s), clock_timestamp()", [CLAIM_LOCK_KEY]
+    if own_transaction:
+        sql += (
+            ", set_config('idle_in_transaction_session_timeout', %s, true), "
+            "set_config('jit', 'off', true)"
+        )
+        params.append(str(CLAIM_IDLE_LIMIT_MS))
+    return sql, params
 
-    `own_transaction`: the claim's transaction is the outermost one, so the settings it makes
-    for itself (see CLAIM_IDLE_LIMIT_MS) end with it."""
+
+def _serialise_claimers(own_transaction: bool = True) -> datetime:
+    """Take the claim lock alone; returns the database's clock, read once the lock is held.
+    (A claim takes it with its first look, in `_look`.)"""
     if connection.vendor == "postgresql":
-        sql, params = "SELECT pg_advisory_xact_lock(%s), clock_timestamp()", [CLAIM_LOCK_KEY]
-        if own_transaction:
-            sql += (
-                ", set_config('idle_in_transaction_session_timeout', %s, true), "
-                "set_config('jit', 'off', true)"
-            )
-            params.append(str(CLAIM_IDLE_LIMIT_MS))
         with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(*_lock_statement(own_transaction))
             return cursor.fetchone()[1].astimezone(UTC)
     # SQLite: the transaction began IMMEDIATE (settings), so it already holds the writer lock.
     return db_now()
@@ -205,7 +220,44 @@ def _due(cutoff: datetime) -> Any:
     )
 
 
-def _choose(now: datetime, cutoff: datetime, limit: int, result: ClaimResult) -> list[int]:
+# What planning an occurrence reads of its job (besides id, owner and next_run_at): read with
+# the candidates, so the chosen ones are planned before they are claimed.
+PLAN_FIELDS = (
+    "schedule_type",
+    "run_at",
+    "interval_secs",
+    "cron",
+    "timezone",
+    "misfire",
+    "active_hours",
+    "pending_scheduled_for",
+    "pending_attempt",
+    "schedule_version",
+)
+
+
+class _Due(NamedTuple):
+    """A due job as the candidate pages give it."""
+
+    id: int
+    owner: int
+    system: bool  # the owner is the system principal (no runs quota)
+    due_at: Any  # next_run_at as the database gave it, for the next page's start
+    fields: tuple[Any, ...]  # PLAN_FIELDS' values
+
+
+@dataclass
+class _Look:
+    """What a claim reads first, under the claim lock."""
+
+    now: datetime
+    cutoff: datetime
+    running: dict[int, int]  # running executions by owner
+    page: list[_Due]  # the first page of candidates, of owners below their concurrency cap
+    counted: dict[int, int]  # runs in the window of the page's owners (none: left out)
+
+
+def _choose(look: _Look, limit: int, result: ClaimResult) -> list[_Due]:
     """Pick which due jobs to claim: within the limits, round-robin across owners.
 
     Due jobs are read oldest first from the due index a page at a time; an owner at its
@@ -214,43 +266,43 @@ def _choose(now: datetime, cutoff: datetime, limit: int, result: ClaimResult) ->
     """
     config = settings.PICOBOT.scheduler
     cap = config.max_concurrent_per_user
-    running, rows, counted = _first_look(now, cutoff, cap)
+    running, rows, counted = look.running, look.page, look.counted
     free = min(limit, config.max_concurrent - sum(running.values()))
     if free <= 0:
         return []
     closed = {owner for owner, n in running.items() if n >= cap}
-    picks: dict[int, list[int]] = {}
+    picks: dict[int, list[_Due]] = {}
     runs: dict[int, int] = {}
     while True:
         # Counted under the claim lock, once per owner the pages reach (the first page's in the
         # first look); with this claim's own picks added below, the count is exact.
-        fresh = {owner for _, owner, system, _ in rows if not system and owner not in runs}
+        fresh = {row.owner for row in rows if not row.system and row.owner not in runs}
         runs.update({owner: counted.get(owner, 0) for owner in fresh})
-        for job_id, owner, system, _ in rows:
-            if owner in closed:
+        for row in rows:
+            if row.owner in closed:
                 continue
-            mine = picks.setdefault(owner, [])
-            if not system and runs[owner] + len(mine) >= config.max_runs_per_window:
+            mine = picks.setdefault(row.owner, [])
+            if not row.system and runs[row.owner] + len(mine) >= config.max_runs_per_window:
                 result.deferred += 1
                 metrics.DEFERRED.labels("max_runs_per_window").inc()
-                closed.add(owner)
+                closed.add(row.owner)
                 continue
-            mine.append(job_id)
-            if running.get(owner, 0) + len(mine) >= cap:
-                closed.add(owner)
+            mine.append(row)
+            if running.get(row.owner, 0) + len(mine) >= cap:
+                closed.add(row.owner)
         if len(rows) < CANDIDATE_PAGE or sum(1 for mine in picks.values() if mine) >= free:
             break
-        rows = _due_page(cutoff, (rows[-1][3], rows[-1][0]), closed)
+        rows = _due_page(look.cutoff, (rows[-1].due_at, rows[-1].id), closed)
         counted = quotas.runs_in_window_by_owner(
-            {owner for _, owner, system, _ in rows if not system and owner not in runs}, now
+            {row.owner for row in rows if not row.system and row.owner not in runs}, look.now
         )
     return _round_robin(picks, free)
 
 
-def _round_robin(picks: dict[int, list[int]], free: int) -> list[int]:
+def _round_robin(picks: dict[int, list[_Due]], free: int) -> list[_Due]:
     # Rank 1 of every owner (in the order of their oldest due job) before anyone's rank 2: one
     # user's backlog cannot starve another user.
-    chosen: list[int] = []
+    chosen: list[_Due] = []
     rank = 0
     while len(chosen) < free and any(len(mine) > rank for mine in picks.values()):
         chosen.extend(mine[rank] for mine in picks.values() if len(mine) > rank)
@@ -258,67 +310,105 @@ def _round_robin(picks: dict[int, list[int]], free: int) -> list[int]:
     return chosen[:free]
 
 
-def _first_look(
-    now: datetime, cutoff: datetime, cap: int
-) -> tuple[dict[int, int], list[tuple[int, int, bool, Any]], dict[int, int]]:
-    """What a claim needs to know, in ONE statement (each round trip under the claim lock costs
-    every waiting worker): the running executions by owner, the first page of due jobs of the
-    owners below `cap` (as `_due_page` gives it), and the runs in the window of that page's
-    owners (the system principal's are not limited, so not counted)."""
+def _look(own_transaction: bool, due_before: datetime | None) -> _Look:
+    """Take the claim lock and read what a claim needs to know, in ONE statement after the lock
+    (each round trip under the claim lock costs every waiting worker; on PostgreSQL the two are
+    sent together, so the lock's answer is not waited for): the clock, read once the lock is
+    held; the running executions by owner; the first page of due jobs of the owners below their
+    concurrency cap (as `_due_page` gives it); and the runs in the window of that page's owners
+    (the system principal's are not limited, so not counted)."""
+    config = settings.PICOBOT.scheduler
+    ops = connection.ops
+    if connection.vendor == "postgresql":
+        bounds = (
+            "SELECT now, LEAST(now, %s::timestamptz) AS cutoff, "
+            "now - make_interval(secs => %s) AS window_start "
+            "FROM (SELECT clock_timestamp() AS now) clock"
+        )
+        due = None if due_before is None else ops.adapt_datetimefield_value(due_before)
+        bounds_params: list[Any] = [due, config.window_secs]
+    else:
+        now = db_now()
+        cutoff = now if due_before is None else min(now, due_before)
+        bounds = "SELECT %s AS now, %s AS cutoff, %s AS window_start"
+        bounds_params = [
+            ops.adapt_datetimefield_value(value)
+            for value in (now, cutoff, now - timedelta(seconds=config.window_secs))
+        ]
     execution = Execution._meta.db_table
-    page_sql, page_params = _due_page_sql(cutoff, None, "SELECT owner FROM running WHERE n >= %s")
-    runs_sql, runs_params = quotas.runs_in_window_sql(
-        "SELECT owner_id FROM page WHERE NOT is_system", now
+    page_sql, page_params = _due_page_sql(
+        "(SELECT cutoff FROM bounds)", [], None, "SELECT owner FROM running WHERE n >= %s"
     )
+    runs_sql, runs_params = quotas.runs_in_window_sql(
+        "SELECT owner_id FROM page WHERE NOT is_system",
+        window_start_sql="(SELECT window_start FROM bounds)",
+    )
+    fields = ", ".join(_PLAN_COLUMNS)
+    pad = ", ".join(["NULL"] * len(PLAN_FIELDS))
     sql = (
-        f"WITH running AS (SELECT owner_id AS owner, COUNT(*) AS n FROM {execution} "  # noqa: S608 (names from the models, values bound)
+        f"WITH bounds AS ({bounds}), "  # noqa: S608 (names from the models, values bound)
+        f"running AS (SELECT owner_id AS owner, COUNT(*) AS n FROM {execution} "
         "WHERE status = %s GROUP BY owner_id), "
         f"page AS ({page_sql}) "
-        "SELECT 0, owner, n, NULL, NULL FROM running "
-        "UNION ALL SELECT 1, id, owner_id, is_system, next_run_at FROM page "
-        f"UNION ALL SELECT 2, runs.*, NULL, NULL FROM ({runs_sql}) runs"
+        f"SELECT 0, owner, n, NULL, NULL, {pad} FROM running "
+        f"UNION ALL SELECT 1, id, owner_id, is_system, next_run_at, {fields} FROM page "
+        f"UNION ALL SELECT 2, runs.*, NULL, NULL, {pad} FROM ({runs_sql}) runs "
+        f"UNION ALL SELECT 3, NULL, NULL, NULL, now, {pad} FROM bounds "
+        f"UNION ALL SELECT 4, NULL, NULL, NULL, cutoff, {pad} FROM bounds"
     )
-    running: dict[int, int] = {}
-    page: list[tuple[int, int, bool, Any]] = []
-    counted: dict[int, int] = {}
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [S.RUNNING, *page_params, cap, CANDIDATE_PAGE, *runs_params])
-        for kind, a, b, c, d in cursor.fetchall():
-            if kind == 0:
-                running[a] = int(b)
-            elif kind == 1:
-                page.append((a, b, bool(c), d))
-            elif b:
-                counted[a] = int(b)
-    page.sort(key=lambda row: (row[3], row[0]))
-    return running, page, counted
+    params = [*bounds_params, S.RUNNING, *page_params]
+    params += [config.max_concurrent_per_user, CANDIDATE_PAGE, *runs_params]
+    with connection.cursor() as lock, connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            with connection.wrap_database_errors, connection.connection.pipeline():
+                lock.execute(*_lock_statement(own_transaction))
+                cursor.execute(sql, params)
+        else:
+            # SQLite: the transaction began IMMEDIATE (settings): it holds the writer lock.
+            cursor.execute(sql, params)
+        found = cursor.fetchall()
+    look = _Look(now=datetime.min, cutoff=datetime.min, running={}, page=[], counted={})
+    for kind, a, b, c, d, *rest in found:
+        if kind == 0:
+            look.running[a] = int(b)
+        elif kind == 1:
+            look.page.append(_Due(a, b, bool(c), d, tuple(rest)))
+        elif kind == 2:
+            if b:
+                look.counted[a] = int(b)
+        elif kind == 3:
+            look.now = _utc(d) or datetime.min
+        else:
+            look.cutoff = _utc(d) or datetime.min
+    look.page.sort(key=lambda row: (row.due_at, row.id))
+    return look
 
 
-def _due_page(
-    cutoff: datetime, after: tuple[Any, int] | None, closed: set[int]
-) -> list[tuple[int, int, bool, Any]]:
-    """One page of due jobs, oldest first, from the due index: (id, owner, owner is the system
-    principal, next_run_at as the database gave it, for the next page's start)."""
+def _due_page(cutoff: datetime, after: tuple[Any, int] | None, closed: set[int]) -> list[_Due]:
+    """One page of due jobs, oldest first, from the due index."""
     marks = ", ".join(["%s"] * len(closed))
-    sql, params = _due_page_sql(cutoff, after, marks if closed else "")
+    cutoff_param = connection.ops.adapt_datetimefield_value(cutoff)
+    sql, params = _due_page_sql("%s", [cutoff_param], after, marks if closed else "")
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, *sorted(closed), CANDIDATE_PAGE])
-        return [(row[0], row[1], bool(row[2]), row[3]) for row in cursor.fetchall()]
+        return [_Due(a, b, bool(c), d, tuple(rest)) for a, b, c, d, *rest in cursor.fetchall()]
 
 
 def _due_page_sql(
-    cutoff: datetime, after: tuple[Any, int] | None, closed_sql: str
+    cutoff_sql: str, cutoff_params: list[Any], after: tuple[Any, int] | None, closed_sql: str
 ) -> tuple[str, list[Any]]:
-    """`_due_page`'s query, leaving out the owners `closed_sql` lists ("": none); the caller
-    binds that list's values and then the page size, after the parameters returned."""
+    """`_due_page`'s query, due at `cutoff_sql`, leaving out the owners `closed_sql` lists ("":
+    none); the caller binds that list's values and then the page size, after the parameters
+    returned. Columns: id, owner_id, is_system, next_run_at, then PLAN_FIELDS'."""
     table, users = Job._meta.db_table, Job._meta.get_field("owner").related_model._meta.db_table
+    fields = ", ".join(f"j.{column}" for column in _PLAN_COLUMNS)
     sql = (
-        f"SELECT j.id, j.owner_id, u.is_system, j.next_run_at FROM {table} j "  # noqa: S608 (names from the models, values bound)
+        f"SELECT j.id, j.owner_id, u.is_system, j.next_run_at, {fields} FROM {table} j "  # noqa: S608 (names from the models, values bound)
         f"JOIN {users} u ON u.id = j.owner_id "
         "WHERE j.enabled AND j.deleted_at IS NULL AND j.claim_token IS NULL "
-        "AND j.next_run_at <= %s"
+        f"AND j.next_run_at <= {cutoff_sql}"
     )
-    params: list[Any] = [connection.ops.adapt_datetimefield_value(cutoff)]
+    params = list(cutoff_params)
     if after is not None:
         sql += " AND (j.next_run_at, j.id) > (%s, %s)"
         params += list(after)
@@ -326,6 +416,127 @@ def _due_page_sql(
         sql += f" AND j.owner_id NOT IN ({closed_sql})"
     sql += " ORDER BY j.next_run_at, j.id LIMIT %s"
     return sql, params
+
+
+_PLAN_COLUMNS = tuple(Job._meta.get_field(name).column for name in PLAN_FIELDS)
+
+
+def _plan(chosen: list[_Due], now: datetime) -> tuple[list[tuple[Job, _Start]], list[int]]:
+    """Plan the chosen jobs' occurrences from what the candidate page read of them (PostgreSQL,
+    where the values come typed): those that simply run, and the ids of the others (skipped by
+    the misfire policy, the active hours or a clock change), which take the general path."""
+    planned: list[tuple[Job, _Start]] = []
+    general: list[int] = []
+    for row in chosen:
+        job = Job(id=row.id, owner_id=row.owner, next_run_at=row.due_at)
+        for name, value in zip(PLAN_FIELDS, row.fields, strict=True):
+            setattr(job, name, value)
+        start, _, _ = _plan_start(job, now)
+        if start is None:
+            general.append(row.id)
+        else:
+            planned.append((job, start))
+    return planned, general
+
+
+def _claim_planned(
+    planned: list[tuple[Job, _Start]], worker_id: str, cutoff: datetime
+) -> list[Claim]:
+    """Claim the planned occurrences and write their `running` executions in ONE statement
+    (PostgreSQL). A job is claimed only if it is still due and still as planned (a PATCH since
+    the look changed it: it is left for the next claim); an occurrence whose attempt already
+    started once is not run again, its job moves past it (as in `_insert_runs`)."""
+    if not planned:
+        return []
+    job_meta, execution_meta = Job._meta, Execution._meta
+    guards = ["next_run_at", "schedule_version", "misfire", "pending_scheduled_for"]
+    guards.append("pending_attempt")
+    columns = [job_meta.pk, *(job_meta.get_field(name) for name in guards)]
+    columns += [execution_meta.get_field(n) for n in ("scheduled_for", "attempt", "missed_count")]
+    rows = [
+        [
+            column.get_db_prep_save(value, connection)
+            for column, value in zip(
+                columns,
+                (
+                    *(getattr(job, name) for name in ("pk", *guards)),
+                    start.scheduled_for,
+                    start.attempt,
+                    start.missed,
+                ),
+                strict=True,
+            )
+        ]
+        for job, start in planned
+    ]
+    source, v, params = _rows_as_table(columns, rows)
+    job_table, table = job_meta.db_table, execution_meta.db_table
+    matches = " AND ".join(
+        f"j.{job_meta.get_field(name).column} IS NOT DISTINCT FROM v.{alias}"
+        for name, alias in zip(guards, v[1 : 1 + len(guards)], strict=True)
+    )
+    due = "enabled AND deleted_at IS NULL AND claim_token IS NULL AND next_run_at <= %s"
+    back = ("owner_id", "claim_token", "schedule_type", "schedule_version", "prompt")
+    back += ("capabilities", "timeout_secs", "next_run_at")
+    sql = (
+        "WITH clock AS (SELECT clock_timestamp() AS now), "  # noqa: S608 (names from the models, values bound)
+        f"claimed AS (UPDATE {job_table} j SET claim_token = gen_random_uuid(), claimed_by = %s, "
+        "claimed_at = clock.now, lease_expires_at = clock.now + make_interval(secs => %s) "
+        f"FROM clock, {source} WHERE j.id = v.{v[0]} AND j.id IN (SELECT id FROM {job_table} "
+        f"WHERE id = ANY(%s) AND {due} ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) "
+        f"AND {matches} RETURNING j.id, {', '.join(f'j.{name}' for name in back)}, "
+        f"clock.now AS now, v.{v[-3]} AS scheduled_for, v.{v[-2]} AS attempt, "
+        f"v.{v[-1]} AS missed) "
+    )
+    params = [worker_id, settings.PICOBOT.scheduler.lease_secs, *params]
+    params += [[job.pk for job, _ in planned], connection.ops.adapt_datetimefield_value(cutoff)]
+    params.append(len(planned))
+    from_claimed = {
+        "job_id": "c.id",
+        "owner_id": "c.owner_id",
+        "scheduled_for": "c.scheduled_for",
+        "attempt": "c.attempt",
+        "started_at": "c.now",
+        "claim_token": "c.claim_token",
+        "schedule_version": "c.schedule_version",
+        "prompt": "c.prompt",
+        "capabilities": "c.capabilities",
+        "missed_count": "c.missed",
+    }
+    given = {"status": S.RUNNING, "worker_id": worker_id}
+    names, values = [], []
+    for f in execution_meta.concrete_fields:
+        if f.primary_key:
+            continue
+        names.append(f.column)
+        if f.column in from_claimed:
+            values.append(from_claimed[f.column])
+        else:
+            values.append("%s")
+            params.append(f.get_db_prep_save(given.get(f.attname, f.get_default()), connection))
+    sql += (
+        f", started AS (INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608 (names from the models, values bound)
+        f"SELECT {', '.join(values)} FROM claimed c "
+        "ON CONFLICT (job_id, scheduled_for, attempt) DO NOTHING RETURNING job_id, id) "
+        "SELECT c.*, s.id FROM claimed c LEFT JOIN started s ON s.job_id = c.id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        found = cursor.fetchall()
+    plans = {job.pk: (job, start) for job, start in planned}
+    capabilities = job_meta.get_field("capabilities")
+    claims: list[Claim] = []
+    for job_id, *row, now, _, _, _, execution_id in sorted(found, key=lambda r: (r[8], r[0])):
+        job, start = plans[job_id]
+        for name, value in zip(back, row, strict=True):
+            setattr(job, name, value)
+        job.capabilities = capabilities.from_db_value(job.capabilities, None, connection)
+        job.claimed_at = now
+        if execution_id is None:
+            _already_started(job, start)
+        else:
+            claims.append(_claimed(job, start, execution_id, now, worker_id))
+    return claims
 
 
 def _claim_rows(job_ids: list[int], worker_id: str, cutoff: datetime) -> tuple[list[Job], datetime]:
@@ -377,19 +588,26 @@ class _Start:
     missed: int
 
 
-def _start(job: Job, now: datetime) -> _Start | None:
-    """Plan the execution for a job this transaction just claimed (None: nothing to run, and
-    the job has moved on)."""
-    assert job.claim_token is not None and job.next_run_at is not None
+def _plan_start(job: Job, now: datetime) -> tuple[_Start | None, DuePlan | None, str]:
+    """The occurrence `job` runs now; or None with the plan and the reason it is skipped."""
+    assert job.next_run_at is not None
     if job.pending_scheduled_for is not None:
-        return _Start(job.pending_scheduled_for, job.pending_attempt, 0)
+        return _Start(job.pending_scheduled_for, job.pending_attempt, 0), None, ""
     spec = spec_of(job)
     plan = plan_due(spec, job.next_run_at, now, job.misfire)
     reason = MISFIRE_SKIP_REASON if plan.skip else skip_reason(job, spec, plan)
-    if reason:
+    return (None if reason else _Start(plan.scheduled_for, 1, plan.missed_count)), plan, reason
+
+
+def _start(job: Job, now: datetime) -> _Start | None:
+    """Plan the execution for a job this transaction just claimed (None: nothing to run, and
+    the job has moved on)."""
+    assert job.claim_token is not None
+    start, plan, reason = _plan_start(job, now)
+    if start is None:
+        assert plan is not None
         _skip(job, plan, now, reason)
-        return None
-    return _Start(plan.scheduled_for, 1, plan.missed_count)
+    return start
 
 
 def _insert_runs(planned: list[tuple[Job, _Start]], worker_id: str, now: datetime) -> list[Claim]:
@@ -415,18 +633,22 @@ def _insert_runs(planned: list[tuple[Job, _Start]], worker_id: str, now: datetim
         execution_id = ids.get(job.pk)
         if execution_id is None:
             _already_started(job, start)
-            continue
-        claims.append(_claim_of(job, start, execution_id, now))
-        logger.info(
-            "claimed job=%s execution=%s user=%s scheduled_for=%s attempt=%s worker=%s",
-            job.pk,
-            execution_id,
-            job.owner_id,
-            start.scheduled_for.isoformat(),
-            start.attempt,
-            worker_id,
-        )
+        else:
+            claims.append(_claimed(job, start, execution_id, now, worker_id))
     return claims
+
+
+def _claimed(job: Job, start: _Start, execution_id: int, now: datetime, worker_id: str) -> Claim:
+    logger.info(
+        "claimed job=%s execution=%s user=%s scheduled_for=%s attempt=%s worker=%s",
+        job.pk,
+        execution_id,
+        job.owner_id,
+        start.scheduled_for.isoformat(),
+        start.attempt,
+        worker_id,
+    )
+    return _claim_of(job, start, execution_id, now)
 
 
 def _already_started(job: Job, start: _Start) -> None:

@@ -87,22 +87,30 @@ def runs_in_window_by_owner(owner_ids: Iterable[int], now: datetime) -> dict[int
         return {owner: int(n) for owner, n in cursor.fetchall() if n}
 
 
-def runs_in_window_sql(owners_sql: str, now: datetime) -> tuple[str, list[Any]]:
+def runs_in_window_sql(
+    owners_sql: str, now: datetime | None = None, *, window_start_sql: str | None = None
+) -> tuple[str, list[Any]]:
     """The query of `runs_in_window_by_owner`, (owner_id, count) rows, for the owners that
     `owners_sql` selects (a column named owner_id; its parameters go after the ones returned).
+    The window starts `window_secs` before `now`, or at `window_start_sql` (an SQL expression,
+    for a clock read in the same statement).
 
     Each owner's count is a range of the (owner, started_at) index, cut off at
     max_runs_per_window entries, so its cost follows neither the owner's history nor their
     number of jobs, nor anyone else's."""
     execution = Execution._meta.db_table
+    params: list[Any] = []
+    if window_start_sql is None:
+        assert now is not None
+        window_start_sql = "%s"
+        params.append(connection.ops.adapt_datetimefield_value(_window_start(now)))
     sql = (
         "SELECT o.owner_id, (SELECT COUNT(*) FROM (SELECT 1 FROM "  # noqa: S608 (names from the models, values bound)
-        f"{execution} e WHERE e.owner_id = o.owner_id AND e.started_at >= %s "
+        f"{execution} e WHERE e.owner_id = o.owner_id AND e.started_at >= {window_start_sql} "
         "AND NOT (e.status = %s) LIMIT %s) counted) "
         f"FROM (SELECT DISTINCT owner_id FROM ({owners_sql}) owners) o"
     )
-    start = connection.ops.adapt_datetimefield_value(_window_start(now))
-    return sql, [start, ExecutionStatus.SKIPPED, _limits().max_runs_per_window]
+    return sql, [*params, ExecutionStatus.SKIPPED, _limits().max_runs_per_window]
 
 
 def can_run(owner_id: int, now: datetime, *, is_system: bool | None = None) -> bool:

@@ -8,6 +8,8 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from kernel.models import User
 from schedules import claims
@@ -511,3 +513,73 @@ def test_db_now_is_used_for_leases_not_the_host_clock(make_job):
     make_job()
     [c] = claim()
     assert abs((c.started_at - datetime.now(UTC)).total_seconds()) < 60
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the one-statement claim")
+def test_a_claim_sends_the_same_statements_however_many_it_claims(
+    make_job, make_user, picobot_config
+):
+    # Under the claim lock every round trip costs each waiting worker: the lock and the first
+    # look go together, and the claim with its executions is one statement, for 1 job or 8.
+    picobot_config("scheduler", max_concurrent=16)
+    counts = []
+    for n in (1, 8):
+        for _ in range(n):
+            make_job(owner=make_user())
+        with CaptureQueriesContext(connection) as captured:
+            assert len(claim(limit=n)) == n
+        counts.append([q["sql"].split()[0] for q in captured.captured_queries])
+    assert counts[0] == counts[1]
+    assert [q for q in counts[0] if q not in ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE")] == [
+        "SELECT",  # the claim lock
+        "WITH",  # the first look
+        "WITH",  # the claim and its executions
+        "SELECT",  # the owners, after the commit
+    ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"schedule_version": 2},
+        {"misfire": "skip"},
+        {"pending_scheduled_for": datetime(2026, 1, 1, tzinfo=UTC), "pending_attempt": 2},
+        {"next_run_at_shift": -30},
+    ],
+)
+def test_a_job_changed_after_the_look_is_not_claimed_as_planned(make_job, monkeypatch, change):
+    # The occurrence is planned from the first look; a PATCH (or a retry written) after it
+    # would make that plan stale, so the job is left for the next claim, which plans afresh.
+    job = make_job(interval_secs=60, next_run_at=db_now() - timedelta(seconds=150))
+    real_look = claims._look
+    changed: list[Job] = []
+
+    def look_then_change(*args: Any, **kwargs: Any) -> Any:
+        look = real_look(*args, **kwargs)
+        fields = dict(change)
+        if "next_run_at_shift" in fields:
+            fields = {
+                "next_run_at": job.next_run_at + timedelta(seconds=fields.pop("next_run_at_shift"))
+            }
+        Job.objects.filter(pk=job.pk).update(**fields)
+        changed.append(Job.objects.get(pk=job.pk))
+        return look
+
+    monkeypatch.setattr(claims, "_look", look_then_change)
+    first = claims.claim_due("w1", 10)
+    monkeypatch.setattr(claims, "_look", real_look)
+    job.refresh_from_db()
+    expected, _, _ = claims._plan_start(changed[0], db_now())
+    if connection.vendor == "postgresql":
+        assert first.claims == [] and first.skipped == 0 and job.claim_token is None
+        assert not Execution.objects.filter(job=job).exists()
+        again = claims.claim_due("w1", 10)
+    else:  # SQLite plans after claiming: the change is already seen
+        again = first
+    if expected is None:  # the changed job's occurrence is skipped (misfire "skip")
+        assert again.claims == [] and again.skipped == 1
+        assert Execution.objects.get(job=job).status == S.SKIPPED
+        return
+    [claimed] = again.claims
+    assert (claimed.scheduled_for, claimed.attempt) == (expected.scheduled_for, expected.attempt)
+    assert claimed.schedule_version == Job.objects.get(pk=job.pk).schedule_version
