@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -169,9 +170,11 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
         if not chosen:
             return result
         general = [row.id for row in chosen]
+        claimed = _ClaimedRows([], [], worker_id)
         if connection.vendor == "postgresql":
             planned, general = _plan(chosen, look.now)
-            result.claims.extend(_claim_planned(planned, worker_id, look.cutoff))
+            if planned:
+                claimed = _claim_planned(planned, worker_id, look.cutoff)
         if general:
             # The claim statement reads the clock again, after counting: a run that finished
             # unseen by the count (it committed before the count's snapshot) then has
@@ -181,6 +184,7 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
             starts = [(job, start) for job in jobs if (start := _start(job, now)) is not None]
             result.skipped += len(jobs) - len(starts)
             result.claims.extend(_insert_runs(starts, worker_id, now))
+    result.claims = claimed.claims() + result.claims
     # The owners are read after the commit, so the claim lock is not held for it.
     owners = _owners({claim.owner_id for claim in result.claims}) if result.claims else {}
     result.claims = [replace(c, owner=owners.get(c.owner_id)) for c in result.claims]
@@ -441,13 +445,11 @@ def _plan(chosen: list[_Due], now: datetime) -> tuple[list[tuple[Job, _Start]], 
 
 def _claim_planned(
     planned: list[tuple[Job, _Start]], worker_id: str, cutoff: datetime
-) -> list[Claim]:
+) -> _ClaimedRows:
     """Claim the planned occurrences and write their `running` executions in ONE statement
     (PostgreSQL). A job is claimed only if it is still due and still as planned (a PATCH since
     the look changed it: it is left for the next claim); an occurrence whose attempt already
     started once is not run again, its job moves past it (as in `_insert_runs`)."""
-    if not planned:
-        return []
     job_meta, execution_meta = Job._meta, Execution._meta
     guards = ["next_run_at", "schedule_version", "misfire", "pending_scheduled_for"]
     guards.append("pending_attempt")
@@ -476,8 +478,7 @@ def _claim_planned(
         for name, alias in zip(guards, v[1 : 1 + len(guards)], strict=True)
     )
     due = "enabled AND deleted_at IS NULL AND claim_token IS NULL AND next_run_at <= %s"
-    back = ("owner_id", "claim_token", "schedule_type", "schedule_version", "prompt")
-    back += ("capabilities", "timeout_secs", "next_run_at")
+    back = _ClaimedRows.BACK
     sql = (
         "WITH clock AS (SELECT clock_timestamp() AS now), "  # noqa: S608 (names from the models, values bound)
         f"claimed AS (UPDATE {job_table} j SET claim_token = gen_random_uuid(), claimed_by = %s, "
@@ -523,20 +524,54 @@ def _claim_planned(
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         found = cursor.fetchall()
-    plans = {job.pk: (job, start) for job, start in planned}
-    capabilities = job_meta.get_field("capabilities")
-    claims: list[Claim] = []
-    for job_id, *row, now, _, _, _, execution_id in sorted(found, key=lambda r: (r[8], r[0])):
-        job, start = plans[job_id]
-        for name, value in zip(back, row, strict=True):
-            setattr(job, name, value)
-        job.capabilities = capabilities.from_db_value(job.capabilities, None, connection)
-        job.claimed_at = now
-        if execution_id is None:
-            _already_started(job, start)
-        else:
-            claims.append(_claimed(job, start, execution_id, now, worker_id))
-    return claims
+    claimed = _ClaimedRows(planned, found, worker_id)
+    for job, start in claimed.conflicts():
+        _already_started(job, start)
+    return claimed
+
+
+class _ClaimedRows:
+    """What `_claim_planned`'s statement returned: turned into Claims (and logged) after the
+    commit, so the claim lock is not held for it."""
+
+    BACK = (
+        "owner_id",
+        "claim_token",
+        "schedule_type",
+        "schedule_version",
+        "prompt",
+        "capabilities",
+        "timeout_secs",
+        "next_run_at",
+    )
+
+    def __init__(self, planned: list[tuple[Job, _Start]], rows: list[Any], worker_id: str):
+        self.plans = {job.pk: (job, start) for job, start in planned}
+        self.rows = sorted(rows, key=lambda row: (row[8], row[0]))  # oldest due first
+        self.worker_id = worker_id
+
+    def _jobs(self) -> Iterator[tuple[Job, _Start, int | None]]:
+        capabilities = Job._meta.get_field("capabilities")
+        for job_id, *row, now, _, _, _, execution_id in self.rows:
+            job, start = self.plans[job_id]
+            for name, value in zip(self.BACK, row, strict=True):
+                setattr(job, name, value)
+            job.capabilities = capabilities.from_db_value(job.capabilities, None, connection)
+            job.claimed_at = now
+            yield job, start, execution_id
+
+    def conflicts(self) -> list[tuple[Job, _Start]]:
+        """The occurrences whose attempt had already started (their executions not written)."""
+        if all(row[-1] is not None for row in self.rows):
+            return []
+        return [(job, start) for job, start, execution_id in self._jobs() if execution_id is None]
+
+    def claims(self) -> list[Claim]:
+        return [
+            _claimed(job, start, execution_id, job.claimed_at, self.worker_id)
+            for job, start, execution_id in self._jobs()
+            if execution_id is not None
+        ]
 
 
 def _claim_rows(job_ids: list[int], worker_id: str, cutoff: datetime) -> tuple[list[Job], datetime]:
