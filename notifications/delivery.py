@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db import DatabaseError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
@@ -38,7 +38,7 @@ from django.utils.crypto import salted_hmac
 from notifications import metrics, rules
 from notifications.channels import DeliveryError, Message, get_channel
 from notifications.models import Contact, Kind, Notification, Status
-from schedules.dbtime import db_now
+from schedules.dbtime import db_now, through_outage
 
 logger = logging.getLogger("picobot.notifications")
 
@@ -157,16 +157,9 @@ def deliver(notification_id: int) -> str:
 def _through_outage(step: Any, notification_id: int) -> Any:
     """Run a delivery's database `step`, reconnecting through an outage of up to
     OUTAGE_MAX_SECS (then the error goes to django-q2, and the sweep takes the row over)."""
-    deadline = time.monotonic() + OUTAGE_MAX_SECS
-    while True:
-        try:
-            return step()
-        except (OperationalError, InterfaceError) as exc:
-            if connection.in_atomic_block or time.monotonic() >= deadline:
-                raise
-            logger.warning("notification=%s: database error (%s); retrying", notification_id, exc)
-            connection.close()
-            time.sleep(OUTAGE_RETRY_SECS)
+    return through_outage(
+        step, f"notification={notification_id}", within=OUTAGE_MAX_SECS, every=OUTAGE_RETRY_SECS
+    )
 
 
 def _take(notification_id: int) -> Notification | None:

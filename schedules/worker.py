@@ -46,7 +46,7 @@ from kernel.context import RunControl
 from kernel.processes import interrupt_abandoned_chat_calls
 from kernel.turns import TURN_LEASE_SECS
 from schedules import claims, executor, metrics, workers
-from schedules.dbtime import db_now
+from schedules.dbtime import db_now, through_outage
 from schedules.models import ExecutionStatus
 
 T = TypeVar("T")
@@ -103,16 +103,13 @@ def _through_outage(write: Callable[[], T], what: str) -> T:
     of up to `lease_secs`: a result lost here would make the occurrence run again once its lease
     expired. Retrying is safe because the writes are fenced: if the first attempt did commit, or
     another worker took the job over, it changes nothing."""
-    deadline = time.monotonic() + settings.PICOBOT.scheduler.lease_secs
-    while True:
-        try:
-            return write()
-        except DatabaseError as exc:
-            if time.monotonic() >= deadline:
-                raise
-            logger.warning("%s: database error while recording (%s); retrying", what, exc)
-            connection.close()
-            time.sleep(COMPLETION_RETRY_SECS)
+    return through_outage(
+        write,
+        what,
+        within=settings.PICOBOT.scheduler.lease_secs,
+        every=COMPLETION_RETRY_SECS,
+        errors=(DatabaseError,),
+    )
 
 
 class Waker:

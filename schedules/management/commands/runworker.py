@@ -6,14 +6,14 @@ import faulthandler
 import logging
 import signal
 import sys
-import time
 from collections import Counter
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import OperationalError, connection
+from django.db import OperationalError
 
+from schedules.dbtime import through_outage
 from schedules.management.commands.loadheartbeats import load_and_report
 from schedules.models import Execution, ExecutionStatus
 from schedules.worker import Worker
@@ -90,18 +90,13 @@ class Command(BaseCommand):
         """Load the heartbeats file, waiting for the database if it is not reachable yet (a
         worker started while the server restarts, or before it is up, waits instead of
         exiting; SIGTERM still stops it)."""
-        while True:
-            try:
-                load_and_report(self.stdout)
-                return
-            except OperationalError as exc:
-                logger.warning(
-                    "database unreachable at start-up (%s); retrying in %ss",
-                    str(exc).splitlines()[0],
-                    STARTUP_RETRY_SECS,
-                )
-                connection.close()
-                time.sleep(STARTUP_RETRY_SECS)
+        through_outage(
+            lambda: load_and_report(self.stdout),
+            "loading the heartbeats at start-up",
+            within=None,
+            every=STARTUP_RETRY_SECS,
+            errors=(OperationalError,),
+        )
 
 
 def once_summary(execution_ids: list[int], skipped: int) -> str:
