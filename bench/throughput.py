@@ -95,7 +95,7 @@ def workers(url: str, mode: str, processes: int, env: dict[str, str]) -> dict[st
                 cwd=ROOT,
                 env=child_env,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stderr=open(f"/tmp/bw{i}.log", "w"),
             )
             for i in range(processes)
         ]

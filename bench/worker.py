@@ -5,7 +5,8 @@ On SIGUSR2 the counters and the CPU clock start (the scenario sends it just befo
 come due, so start-up is not counted); at exit one JSON line goes to $BENCH_COUNTS_FILE:
 statements, commits (explicit, plus each statement run in autocommit) and CPU seconds since.
 `--no-model` replaces the agent loop by an instant answer: what is left is the scheduler's own
-cost per run.
+cost per run. With BENCH_SAMPLE_FILE set, where the CPU went (bench/sampler.py) is appended
+to that file at exit.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def _install_counters() -> None:
     def start(signum: int, frame: Any) -> None:
         _counts.update(on=True, statements=0, commits=0, cpu=time.process_time())
         _batches.update(dict.fromkeys(_batches, 0))
+        if os.environ.get("BENCH_SAMPLE_FILE"):
+            from bench import sampler
+
+            sampler.start()
 
     _install_batch_counters()
 
@@ -115,6 +120,10 @@ def _without_model() -> None:
 
 
 def _report() -> None:
+    if os.environ.get("BENCH_SAMPLE_FILE"):
+        from bench import sampler
+
+        sampler.dump(os.environ["BENCH_SAMPLE_FILE"])
     path = os.environ.get("BENCH_COUNTS_FILE")
     if not path:
         return

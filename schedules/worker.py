@@ -144,6 +144,8 @@ class Running:
     claim: claims.Claim
     control: RunControl
     started: float
+    # The run has ended and its outcome is with the completer, whose write releases the claim.
+    finished: bool = False
 
 
 def _note(status: str) -> str:
@@ -481,6 +483,9 @@ class Worker:
                 # The run stays in `running` (its lease renewed) until the completer has
                 # written it.
                 assert self._completer is not None
+                with self._lock:
+                    if claim.execution_id in self.running:
+                        self.running[claim.execution_id].finished = True
                 self._completer.put(Finished(claim, outcome, started))
                 handed_over = True
         except Exception:
@@ -577,6 +582,11 @@ class Worker:
             if self._stuck(item):
                 continue
             if not claims.renew_lease(item.claim.job_id, item.claim.token):
+                if item.finished:
+                    # Its completion was written between the snapshot and the renewal (that
+                    # released the claim), or will find the claim lost and say so: either
+                    # way there is no run left to stop.
+                    continue
                 all_held = False
                 logger.warning(
                     "job=%s execution=%s user=%s lost its claim",

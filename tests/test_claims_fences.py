@@ -161,3 +161,24 @@ def test_the_lease_of_a_run_stuck_past_its_deadline_is_no_longer_renewed(
     worker.handle_one_renewal()
     assert Job.objects.get(pk=stuck.job_id).lease_expires_at == short
     assert Job.objects.get(pk=live.job_id).lease_expires_at > short
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_renewal_that_meets_a_run_just_recorded_does_not_call_it_lost(
+    claimed, caplog, finished
+) -> None:
+    # Seen under load: the completer wrote a batch (releasing its claims) while the lease
+    # monitor was renewing the runs it had listed just before; each was logged "lost its
+    # claim". A run whose outcome is with the completer has nothing left to lose.
+    _, claim = claimed
+    worker = Worker(worker_id="monitor-test")
+    control = _watched(worker, claim, time.monotonic() + 60)
+    worker.running[claim.execution_id].finished = finished
+    claims.complete(claim, claims.Outcome(status=S.SUCCEEDED, output="ok"))
+    with caplog.at_level("WARNING", logger="picobot.worker"):
+        all_held = worker.handle_one_renewal()
+    lost = [r for r in caplog.records if "lost its claim" in r.getMessage()]
+    if finished:
+        assert all_held and not lost and not control.cancelled
+    else:  # a run still going whose claim is gone is stopped, as before
+        assert not all_held and len(lost) == 1 and control.reason == executor.CLAIM_LOST
