@@ -12,6 +12,7 @@ their processes (bench/worker.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,6 +35,8 @@ NOTIFY = os.environ.get("BENCH_NOTIFY") == "1"
 # BENCH_SLOTS_PER_WORKER=N: N slots per worker instead of 16 in all (`max_concurrent = 16`
 # still caps the runs at once).
 SLOTS_PER_WORKER = int(os.environ.get("BENCH_SLOTS_PER_WORKER", "0"))
+# BENCH_WORKER_LOGS=DIR: the workers' logs go to DIR/workerN.log (by default, nowhere).
+LOGS = os.environ.get("BENCH_WORKER_LOGS", "")
 
 
 def _span(expected: int, timeout: float) -> tuple[int, float]:
@@ -84,7 +87,7 @@ def workers(url: str, mode: str, processes: int, env: dict[str, str]) -> dict[st
     if not NOTIFY:
         # Like the floor, which writes no notification: the scheduler's own cost per run.
         Job.objects.update(notify_on=[])
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         counts = Path(tmp) / "counts.jsonl"
         child_env = {**env, "BENCH_COUNTS_FILE": str(counts)}
         extra = ["--no-model"] if mode == "nomodel" else []
@@ -95,7 +98,9 @@ def workers(url: str, mode: str, processes: int, env: dict[str, str]) -> dict[st
                 cwd=ROOT,
                 env=child_env,
                 stdout=subprocess.DEVNULL,
-                stderr=open(f"/tmp/bw{i}.log", "w"),
+                stderr=stack.enter_context(open(Path(LOGS) / f"worker{i}.log", "w"))
+                if LOGS
+                else subprocess.DEVNULL,
             )
             for i in range(processes)
         ]
