@@ -1,11 +1,15 @@
 """Where a process's CPU goes, by Python function, without a profiler hook in every call.
 
-A thread wakes every few milliseconds, reads each thread's CPU time from the kernel
-(`/proc/self/task/TID/schedstat`: nanoseconds on a CPU) and charges what each thread used since
-the last wake-up to the functions on its stack at that moment: to the innermost one as its own
-time, and once to each function on the stack as its total. Waiting (for the database, a lock,
-a socket) costs no CPU, so it is charged nothing; C code is charged to the Python function that
-called it. Used by `bench/worker.py` when BENCH_SAMPLE_FILE is set.
+A thread wakes every few milliseconds and asks the kernel which threads are on a CPU or
+ready for one (state R in `/proc/self/task/TID/stat`); each of those is charged one sample, at
+the functions on its stack at that moment: the innermost one as its own time, and once each
+function on the stack as its total. A thread waiting (for the database, a lock, the GIL, a
+socket) is asleep, so it is charged nothing; C code is charged to the Python function that
+called it. (Charging each thread's CPU since the last wake-up to its stack instead would blame
+the call a thread blocks in for the work it did before.) State R also covers a thread ready
+but waiting for a CPU, so on a machine busy with something else the profile charges the
+places threads wake up in (psycopg's wait): profile on a quiet machine. Used by
+`bench/worker.py` when BENCH_SAMPLE_FILE is set.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from types import FrameType
 INTERVAL_SECS = 0.004
 
 
-def _cpu_ns(native_id: int) -> int | None:
+def _running(native_id: int) -> bool:
     try:
-        with open(f"/proc/self/task/{native_id}/schedstat") as stat:
-            return int(stat.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+        with open(f"/proc/self/task/{native_id}/stat") as stat:
+            # "pid (comm) S ...": the state follows the last ")".
+            return stat.read().rsplit(")", 1)[1].split()[0] == "R"
+    except (OSError, IndexError):
+        return False
 
 
 def _where(frame: FrameType) -> str:
@@ -49,7 +54,6 @@ class Sampler(threading.Thread):
         self.total: Counter[str] = Counter()
         self.by_thread: Counter[str] = Counter()
         self._halt = threading.Event()
-        self._last: dict[int, int] = {}
 
     def run(self) -> None:
         while not self._halt.wait(INTERVAL_SECS):
@@ -57,13 +61,9 @@ class Sampler(threading.Thread):
             for thread in threading.enumerate():
                 if thread is self or thread.native_id is None or thread.ident not in frames:
                     continue
-                cpu = _cpu_ns(thread.native_id)
-                if cpu is None:
+                if not _running(thread.native_id):
                     continue
-                used = cpu - self._last.get(thread.native_id, cpu)
-                self._last[thread.native_id] = cpu
-                if used <= 0:
-                    continue
+                used = 1
                 self.by_thread[thread.name.rstrip("0123456789-_")] += used
                 frame: FrameType | None = frames[thread.ident]
                 self.own[_where(frame)] += used  # type: ignore[arg-type]
@@ -79,9 +79,9 @@ class Sampler(threading.Thread):
         self._halt.set()
         self.join(timeout=1)
 
-    def report(self, runs_hint: str = "") -> str:
+    def report(self) -> str:
         whole = sum(self.own.values()) or 1
-        lines = [f"CPU sampled: {whole / 1e9:.2f} s {runs_hint}".rstrip()]
+        lines = [f"samples on a CPU: {whole} (every {INTERVAL_SECS * 1000:g} ms)"]
         lines.append(
             "by thread: "
             + ", ".join(

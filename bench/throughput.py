@@ -4,8 +4,8 @@
 MODE is `floor` (bench/floor.py: bare SQL, batches of 16), `nomodel` (the worker with the agent
 loop replaced by an instant answer) or `scripted` (the worker against the scripted model
 server). Workers get 16 execution slots in total (`--concurrency 16`, or 4 each for four), with
-`max_concurrent = 16`. The jobs notify nobody unless BENCH_NOTIFY=1. The workers are started first and the jobs made due once they are idle,
-so start-up is not measured. Prints one JSON line: executions per second (first start to last
+`max_concurrent = 16`. The jobs notify nobody unless BENCH_NOTIFY=1. The workers are started first and the jobs made due once they have
+registered and are idle, so start-up is not measured. Prints one JSON line: executions per second (first start to last
 finish, database clock), and for workers CPU ms, statements and commits per run, counted in
 their processes (bench/worker.py).
 """
@@ -28,7 +28,8 @@ from bench.scenario import CONFIG, ROOT, add_jobs, reset, setup
 
 JOBS = int(os.environ.get("BENCH_BURST_JOBS", "800"))
 FLOOR_BATCH = 16
-WORKER_START_SECS = float(os.environ.get("BENCH_WORKER_START_SECS", "6"))
+# Settling time once the workers have registered.
+WORKER_START_SECS = float(os.environ.get("BENCH_WORKER_START_SECS", "2"))
 # BENCH_NOTIFY=1: the jobs keep the default notify_on, so each run also writes a (console)
 # notification and queues its delivery task.
 NOTIFY = os.environ.get("BENCH_NOTIFY") == "1"
@@ -105,7 +106,7 @@ def workers(url: str, mode: str, processes: int, env: dict[str, str]) -> dict[st
             for i in range(processes)
         ]
         try:
-            time.sleep(WORKER_START_SECS)
+            _started(procs)
             for proc in procs:
                 proc.send_signal(signal.SIGUSR2)
             Job.objects.update(next_run_at=db_now() - timedelta(seconds=1))
@@ -129,6 +130,26 @@ def workers(url: str, mode: str, processes: int, env: dict[str, str]) -> dict[st
         "lock_wait_ms_per_claim": round(total["lock_wait"] * 1000 / claims, 2),
         "lock_hold_ms_per_claim": round(total["lock_hold"] * 1000 / claims, 2),
     }
+
+
+def _started(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Wait until every worker has registered (its first lease round, once its loop runs),
+    then WORKER_START_SECS more: on a busy machine start-up takes longer than any fixed wait,
+    and would be counted in the CPU per run."""
+    from schedules.models import Worker
+
+    pids = {proc.pid for proc in procs}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if any(proc.poll() is not None for proc in procs):
+            raise SystemExit(
+                "a bench worker exited while starting (BENCH_WORKER_LOGS=DIR shows why)"
+            )
+        up = set(Worker.objects.filter(pid__in=pids, stopped_at=None).values_list("pid", flat=True))
+        if up == pids:
+            break
+        time.sleep(0.2)
+    time.sleep(WORKER_START_SECS)
 
 
 def _wake() -> None:
