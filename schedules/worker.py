@@ -336,13 +336,23 @@ class Worker:
         return False
 
     def _survive(self, step: Callable[[], T]) -> T | None:
-        """Run one loop step; a database error (a locked SQLite file, a dropped PostgreSQL
-        connection) is logged and waited out for a tick instead of ending the worker, whose
-        running executions would otherwise die without a drain."""
+        """Run one loop step; an error (a locked SQLite file, a dropped PostgreSQL connection,
+        or a fault of our own) is logged and waited out for a tick instead of ending the worker,
+        whose running executions would otherwise die without a drain."""
         try:
             return step()
         except DatabaseError:
             logger.exception("worker %s: database error; retrying in a tick", self.worker_id)
+            connection.close()
+            self._waker.sleep(settings.PICOBOT.scheduler.tick_secs)
+            return None
+        except Exception:
+            # A fault of the loop's own (a bug in a part of it, as a closed socket once was)
+            # must not end the worker: its running runs would die without their drain, and a
+            # restarted worker would meet the same fault. Logged at ERROR, with its traceback.
+            logger.exception(
+                "worker %s: unexpected error in the loop; going on in a tick", self.worker_id
+            )
             connection.close()
             self._waker.sleep(settings.PICOBOT.scheduler.tick_secs)
             return None

@@ -50,6 +50,33 @@ def test_a_database_error_in_the_loop_is_survived_and_the_due_run_still_happens(
     assert execution.status == ExecutionStatus.SUCCEEDED
 
 
+@pytest.mark.parametrize("fault", [RuntimeError("a bug"), OSError(9, "Bad file descriptor")])
+def test_a_fault_of_the_loops_own_is_logged_and_survived(
+    make_user, model_server, monkeypatch, picobot_config, restore_signals, caplog, fault
+) -> None:
+    # CI and the soak saw a worker end with exit code 1 on an error that was not the
+    # database's (a closed socket waited on): its running runs died without their drain.
+    picobot_config("scheduler", tick_secs=0.05)
+    model_server.reply_always("done")
+    job = due_job(make_user())
+    real_recover = claims.recover_expired
+    failures = {"left": 2}
+
+    def faulty_recover(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise fault
+        return real_recover(*args, **kwargs)
+
+    monkeypatch.setattr(claims, "recover_expired", faulty_recover)
+    with caplog.at_level("ERROR", logger="picobot.worker"):
+        assert Worker(worker_id="resilient", concurrency=1, once=True).run() == 0
+    assert failures["left"] == 0
+    assert Execution.objects.get(job=job).status == ExecutionStatus.SUCCEEDED
+    logged = [r for r in caplog.records if "unexpected error in the loop" in r.getMessage()]
+    assert len(logged) == 2 and all(r.exc_info for r in logged)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="LISTEN/NOTIFY is PostgreSQL's")
 def test_a_new_schedule_wakes_an_idle_postgresql_worker_before_its_tick(
