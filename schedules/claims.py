@@ -207,17 +207,6 @@ def _lock_statement(own_transaction: bool = True) -> tuple[str, list[Any]]:
     return sql, params
 
 
-def _serialise_claimers(own_transaction: bool = True) -> datetime:
-    """Take the claim lock alone; returns the database's clock, read once the lock is held.
-    (A claim takes it with its first look, in `_look`.)"""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(*_lock_statement(own_transaction))
-            return cursor.fetchone()[1].astimezone(UTC)
-    # SQLite: the transaction began IMMEDIATE (settings), so it already holds the writer lock.
-    return db_now()
-
-
 def _due(cutoff: datetime) -> Any:
     return Job.objects.filter(
         enabled=True, deleted_at__isnull=True, claim_token__isnull=True, next_run_at__lte=cutoff
