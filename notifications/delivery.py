@@ -5,8 +5,9 @@ it `pending` -> `sending` with one conditional UPDATE (attempts + 1, a lease of
 `delivery_lease_secs`), so two tasks for one row never both send; then it calls the channel and
 records `sent`, the next attempt (backoff with jitter, up to `max_attempts`) or `dead`. Every
 write after the take is fenced on (`sending`, attempts), so a task that outlived its lease
-changes nothing. `sweep` re-queues due `pending` rows that no live task holds and puts `sending`
-rows whose lease expired (their cluster was killed) back to `pending`.
+changes nothing. `sweep` re-queues due `pending` rows that no live task holds (never queued,
+or queued a lease ago once the queue has drained: in a backlog their tasks are still waiting)
+and puts `sending` rows whose lease expired (their cluster was killed) back to `pending`.
 
 Every database step of a delivery is retried through an outage (a server restart, a dropped
 connection) of up to OUTAGE_MAX_SECS, so a message the provider accepted is recorded `sent` even
@@ -291,7 +292,8 @@ def _failed(row: Notification, exc: DeliveryError) -> str:
 
 def sweep() -> int:
     """Re-queue what no task holds: `sending` rows whose lease expired and due `pending` rows
-    not queued within a lease. Returns how many rows were queued."""
+    never queued, or queued a lease ago when the queue has drained. Returns how many rows
+    were queued."""
     now = db_now()
     config = settings.PICOBOT.notifications
     expired = Notification.objects.filter(status=Status.SENDING, lease_expires_at__lt=now)
@@ -305,15 +307,29 @@ def sweep() -> int:
             last_error="delivery was interrupted (its worker stopped)",
             updated_at=now,
         )
-    stale = now - timedelta(seconds=config.delivery_lease_secs)
+    unqueued = Q(enqueued_at__isnull=True)
+    # A row queued a lease ago has lost its task only if the queue has drained: in a backlog
+    # its task is still waiting, and queueing it again only lengthens the queue (the 100,000-
+    # execution soak's sweeps, each adding a task per such row, grew it to 386k tasks for 32k
+    # rows, and delivery stopped keeping up). So those rows are queued again only once fewer
+    # than a batch of tasks wait.
+    if _waiting_tasks() < SWEEP_BATCH:
+        unqueued |= Q(enqueued_at__lt=now - timedelta(seconds=config.delivery_lease_secs))
     due = list(
         Notification.objects.filter(status=Status.PENDING, next_attempt_at__lte=now)
-        .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=stale))
+        .filter(unqueued)
         .order_by("next_attempt_at")
         .values_list("id", flat=True)[:SWEEP_BATCH]
     )
     enqueue(due)
     return len(due)
+
+
+def _waiting_tasks() -> int:
+    """Tasks waiting in the broker's queue (not those a cluster holds)."""
+    from django_q.brokers import get_broker
+
+    return get_broker().queue_size() or 0
 
 
 def sweep_schedule_fields() -> dict[str, Any]:

@@ -165,3 +165,38 @@ def test_a_delivery_that_outlived_its_lease_changes_nothing(owner):
     row.refresh_from_db()
     assert (row.status, row.attempts, row.provider_message_id) == (Status.SENDING, 2, "")
     assert delivery._sent(second, "") == Status.SENT
+
+
+def test_the_sweep_does_not_lengthen_a_backlogged_queue(owner, monkeypatch, settings):
+    # Found by the 100,000-execution soak: while tasks waited longer than a lease, every sweep
+    # queued each waiting row again; the queue grew to 386k tasks for 32k rows.
+    from datetime import timedelta
+
+    from django_q.models import OrmQ
+
+    monkeypatch.setattr(delivery, "SWEEP_BATCH", 3)
+    now = db_now()
+    lease = settings.PICOBOT.notifications.delivery_lease_secs
+    common = {"owner": owner, "channel": "console", "kind": Kind.RESULT, "body": "x"}
+    waiting = [
+        Notification.objects.create(
+            **common,
+            status=Status.PENDING,
+            idempotency_key=f"waiting{i}",
+            next_attempt_at=now,
+            enqueued_at=now - timedelta(seconds=lease + 60),
+        )
+        for i in range(3)
+    ]
+    delivery.enqueue([row.pk for row in waiting], mark=False)  # their tasks still wait
+    never = Notification.objects.create(
+        **common, status=Status.PENDING, idempotency_key="never", next_attempt_at=now
+    )
+    assert OrmQ.objects.count() == 3
+    assert delivery.sweep() == 1  # only the row that was never queued
+    assert OrmQ.objects.count() == 4
+    assert Notification.objects.get(pk=never.pk).enqueued_at is not None
+    # Once the queue has drained (here: its tasks were lost), the rows are queued again.
+    OrmQ.objects.all().delete()
+    assert delivery.sweep() == 3
+    assert OrmQ.objects.count() == 3
