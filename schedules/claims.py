@@ -197,7 +197,7 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
 def _lock_statement(own_transaction: bool = True) -> tuple[str, list[Any]]:
     """PostgreSQL's claim lock. `own_transaction`: the claim's transaction is the outermost
     one, so the settings it makes for itself (see CLAIM_IDLE_LIMIT_MS) end with it."""
-    sql, params = "SELECT pg_advisory_xact_lock(%s), clock_timestamp()", [CLAIM_LOCK_KEY]
+    sql, params = "SELECT pg_advisory_xact_lock(%s)", [CLAIM_LOCK_KEY]
     if own_transaction:
         sql += (
             ", set_config('idle_in_transaction_session_timeout', %s, true), "

@@ -341,18 +341,15 @@ class Worker:
         whose running executions would otherwise die without a drain."""
         try:
             return step()
-        except DatabaseError:
-            logger.exception("worker %s: database error; retrying in a tick", self.worker_id)
-            connection.close()
-            self._waker.sleep(settings.PICOBOT.scheduler.tick_secs)
-            return None
-        except Exception:
-            # A fault of the loop's own (a bug in a part of it, as a closed socket once was)
-            # must not end the worker: its running runs would die without their drain, and a
-            # restarted worker would meet the same fault. Logged at ERROR, with its traceback.
-            logger.exception(
-                "worker %s: unexpected error in the loop; going on in a tick", self.worker_id
-            )
+        except Exception as exc:
+            if isinstance(exc, DatabaseError):
+                logger.exception("worker %s: database error; retrying in a tick", self.worker_id)
+            else:
+                # A fault of the loop's own (a bug in a part of it, as a closed socket once was)
+                # must not end the worker either: a restarted worker would meet it again.
+                logger.exception(
+                    "worker %s: unexpected error in the loop; going on in a tick", self.worker_id
+                )
             connection.close()
             self._waker.sleep(settings.PICOBOT.scheduler.tick_secs)
             return None
