@@ -130,7 +130,14 @@ def check(plan: Any, cutoff: datetime, drained: bool, model: Any, database: str)
         report.violation("the occurrences due by the cutoff did not all run before the timeout")
     rows = list(
         Execution.objects.values_list(
-            "id", "job_id", "scheduled_for", "attempt", "status", "missed_count", "error"
+            "id",
+            "job_id",
+            "scheduled_for",
+            "attempt",
+            "status",
+            "missed_count",
+            "error",
+            "schedule_version",
         )
     )
     jobs = {job.pk: job for job in Job.objects.all()}
@@ -201,9 +208,20 @@ def check_occurrence(
         # its paused worker came back and recorded it `superseded`.
         report.counts["occurrences given up on a lost attempt later superseded"] += 1
         return S.LOST
+    if not pending and _dropped_by_a_change(job, statuses, attempts[-1][7]):
+        # An API user changed the schedule (a PATCH bumps its version) between the attempts:
+        # the change drops a pending retry, and the next run is the occurrence after it.
+        report.counts["occurrences whose retry a schedule change dropped"] += 1
+        return ""
     if scheduled_for <= cutoff:
         report.violation(f"{where}: not resolved: attempts {statuses}, pending={pending}")
     return ""
+
+
+def _dropped_by_a_change(job: Any, statuses: list[str], last_version: int) -> bool:
+    # (A failed or superseded last attempt with no retry pending is given up on whatever the
+    # version: the rules above take it.)
+    return last_version < job.schedule_version and statuses[-1] == S.INTERRUPTED
 
 
 def _given_up_then_superseded(statuses: list[str]) -> bool:

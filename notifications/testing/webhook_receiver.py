@@ -10,7 +10,7 @@ counts TCP connections accepted, so a test can show a refused address was never 
 answering), "timeout" (hold the request past the client's timeout, then close without
 answering) or "late" (take the message, then answer 200 only after the client's timeout).
 `accepted` lists what was taken (answered 2xx, or "late"): (time.time(), the payload's `id`,
-the body, late).
+the body, late); a request cut short before its whole body arrived is never taken.
 """
 
 from __future__ import annotations
@@ -117,8 +117,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         owner = self.owner
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
         owner.received.append((dict(self.headers.items()), body))
+        if len(body) < length:
+            # The sender went away mid-request (a killed process): nothing was delivered.
+            self.close_connection = True
+            return
         answer = owner.answer
         if answer in ("drop", "timeout"):
             if answer == "timeout":
