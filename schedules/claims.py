@@ -31,7 +31,7 @@ from django.utils.dateparse import parse_datetime
 from kernel.processes import interrupt_calls, interrupt_unrecorded_calls
 from schedules import metrics, quotas
 from schedules.dbtime import db_now
-from schedules.models import FAILURE_STATUSES, Execution, ExecutionStatus, Job
+from schedules.models import FAILURE_STATUSES, Execution, ExecutionStatus, Job, ScheduleType
 from schedules.timing import (
     DuePlan,
     ScheduleSpec,
@@ -1237,10 +1237,14 @@ def job_changes(
 ) -> tuple[dict[str, Any], str]:
     """The worker-owned job fields to write when `execution` ends, and why the job is being
     disabled ("" when it is not). `next_run_at`, retries and the failure count are written only
-    if the schedule is the version the execution ran."""
+    if the schedule is the version the execution ran, or, for a once job, if a PATCH since left
+    its one occurrence in place (a change of what it runs applies to its next attempt)."""
     config = settings.PICOBOT.scheduler
     status = outcome.status
-    same_version = job.schedule_version == execution.schedule_version
+    same_version = job.schedule_version == execution.schedule_version or (
+        job.schedule_type == ScheduleType.ONCE
+        and execution.scheduled_for in (job.next_run_at, job.pending_scheduled_for)
+    )
     if job.deleted_at is not None:
         return {}, ""
     if status == S.INTERRUPTED:

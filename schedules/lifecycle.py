@@ -241,7 +241,9 @@ def update_job(
 
     A change of the schedule, the prompt or the capabilities affects the next run only: it bumps
     `schedule_version`, resets the failure count, drops a pending retry and recomputes
-    `next_run_at` (a running execution keeps what it started with). Re-enabling computes the
+    `next_run_at` (a running execution keeps what it started with) — except that a once job
+    whose run_at is unchanged keeps its one occurrence: a pending or later retry of it runs
+    the change. Re-enabling computes the
     next run from now; a once job whose time has passed cannot be re-enabled. Raises
     ScheduleInvalid (400), CapabilitiesExceeded (403) or JobGone (404). `extra` changes
     EXTRA_FIELDS (an active hours change is versioned too).
@@ -301,13 +303,16 @@ def _changed_fields(job: Job, values: dict[str, Any], now: datetime) -> dict[str
         )
     schedule_changed = any(name in fields for name in SCHEDULE_FIELDS)
     if any(name in fields for name in VERSIONED_FIELDS):
-        fields.update(
-            schedule_version=job.schedule_version + 1,
-            consecutive_failures=0,
-            pending_scheduled_for=None,
-            pending_attempt=1,
-            next_run_at=first_run(spec, now) if schedule_changed else _next_unstarted(job, spec),
-        )
+        fields.update(schedule_version=job.schedule_version + 1, consecutive_failures=0)
+        if schedule_changed:
+            fields.update(pending_scheduled_for=None, pending_attempt=1)
+            fields["next_run_at"] = first_run(spec, now)
+        elif job.schedule_type != ScheduleType.ONCE:
+            fields.update(pending_scheduled_for=None, pending_attempt=1)
+            fields["next_run_at"] = _next_unstarted(job, spec)
+        # A once job has one occurrence: its next attempt (a pending retry, or the one after a
+        # running attempt that fails or is interrupted) is its next run, and runs the change.
+        # Dropping it would leave the job enabled with nothing ever to run.
     if fields.get("enabled") is True:
         # A retry pending from before the job was disabled belongs to an occurrence long gone:
         # running it now and then moving on from that old occurrence would run twice.

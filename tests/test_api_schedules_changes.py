@@ -73,6 +73,77 @@ def test_changing_what_runs_bumps_the_version_resets_failures_and_drops_a_retry(
     assert job.next_run_at == retry_for + timedelta(seconds=3600)
 
 
+def _failed_once_job(client) -> tuple[Job, Execution]:
+    """A once job whose first attempt failed: a retry is pending."""
+    job = create(client, once_body(prompt="broken prompt"))
+    claim = start_run(job.pk)
+    complete(claim, Outcome(S.FAILED, error="boom"))
+    job.refresh_from_db()
+    assert job.pending_scheduled_for == claim.scheduled_for and job.pending_attempt == 2
+    return job, Execution.objects.get(pk=claim.execution_id)
+
+
+def _claim_now(job: Job):
+    Job.objects.filter(pk=job.pk).update(next_run_at=db_now() - timedelta(seconds=1))
+    [claim] = [c for c in claim_due("w2", 10).claims if c.job_id == job.pk]
+    return claim
+
+
+def test_a_patch_of_a_once_job_waiting_for_its_retry_runs_the_change_in_that_retry(client):
+    # A once job has one occurrence: dropping its retry would leave it enabled with nothing to
+    # run, the fix never tried.
+    job, first = _failed_once_job(client)
+    response = client.patch(detail(job.pk), {"prompt": "fixed prompt"}, format="json")
+    assert response.status_code == 200
+    assert response.json()["enabled"] is True and response.json()["next_run_at"] is not None
+    job.refresh_from_db()
+    assert (job.schedule_version, job.consecutive_failures) == (2, 0)
+    assert job.pending_scheduled_for == first.scheduled_for
+    retry = _claim_now(job)
+    assert (retry.prompt, retry.scheduled_for, retry.attempt) == (
+        "fixed prompt",
+        first.scheduled_for,
+        2,
+    )
+    complete(retry, Outcome(S.SUCCEEDED, output="done"))
+    job.refresh_from_db()
+    assert (job.enabled, job.next_run_at, job.execution_count) == (False, None, 1)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "runs_again"),
+    [(S.FAILED, True), (S.TIMED_OUT, True), (S.INTERRUPTED, True), (S.SUCCEEDED, False)],
+)
+def test_a_once_job_patched_while_it_runs_ends_or_runs_the_change_next(client, outcome, runs_again):
+    job = create(client, once_body(prompt="old"))
+    claim = start_run(job.pk)
+    assert client.patch(detail(job.pk), {"prompt": "new"}, format="json").status_code == 200
+    complete(claim, Outcome(outcome, error="" if outcome == S.SUCCEEDED else "boom"))
+    job.refresh_from_db()
+    if not runs_again:
+        # Its one run is over: disabled, as after any once run, never enabled with nothing due.
+        assert (job.enabled, job.next_run_at, job.execution_count) == (False, None, 1)
+        return
+    assert job.enabled and job.next_run_at is not None
+    assert (job.pending_scheduled_for, job.pending_attempt) == (claim.scheduled_for, 2)
+    following = _claim_now(job)
+    assert (following.prompt, following.scheduled_for, following.attempt) == (
+        "new",
+        claim.scheduled_for,
+        2,
+    )
+
+
+def test_a_once_job_given_a_new_time_drops_its_retry_for_the_new_occurrence(client):
+    job, _ = _failed_once_job(client)
+    run_at = db_now() + timedelta(hours=5)
+    response = client.patch(detail(job.pk), {"run_at": run_at.isoformat()}, format="json")
+    assert response.status_code == 200
+    job.refresh_from_db()
+    assert (job.pending_scheduled_for, job.pending_attempt) == (None, 1)
+    assert job.next_run_at == run_at
+
+
 @pytest.mark.parametrize(
     "changes",
     [{"name": "renamed"}, {"timeout_secs": 60}, {"notify_on": ["failure"]}, {"misfire": "skip"}],
