@@ -127,8 +127,8 @@ def workers(url: str, mode: str, processes: int, env: dict[str, str]) -> dict[st
         "commits_per_run": round(total["commits"] / runs, 2),
         "runs_per_claim": round(total["claimed"] / claims, 1),
         "runs_per_completion": round(total["completed"] / max(1, total["completions"]), 1),
-        "lock_wait_ms_per_claim": round(total["lock_wait"] * 1000 / claims, 2),
-        "lock_hold_ms_per_claim": round(total["lock_hold"] * 1000 / claims, 2),
+        "look_ms_per_claim": round(total["look"] * 1000 / claims, 2),
+        "locked_trip_ms_per_claim": round(total["locked_trip"] * 1000 / claims, 2),
     }
 
 

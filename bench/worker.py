@@ -24,7 +24,7 @@ _counts = {"on": False, "statements": 0, "commits": 0, "cpu": 0.0}
 # Claims and completion batches: how many, how many runs they carried, and the wall time a
 # claim waited for the claim lock and then held it (PostgreSQL's advisory lock; SQLite's
 # writer lock is taken with the transaction, so there the wait is not seen separately).
-_batches = {"claims": 0, "claimed": 0, "lock_wait": 0.0, "lock_hold": 0.0}
+_batches = {"claims": 0, "claimed": 0, "look": 0.0, "locked_trip": 0.0}
 _batches |= {"completions": 0, "completed": 0}
 
 
@@ -74,27 +74,31 @@ def _install_counters() -> None:
 def _install_batch_counters() -> None:
     from schedules import claims
 
-    look, claim_due, complete_many = (
+    look, locked_trip, claim_due, complete_many = (
         claims._look,
+        claims._in_one_round_trip,
         claims.claim_due,
         claims.complete_many,
     )
-    locked = threading.local()
 
-    def timed_look(*args: Any) -> Any:
-        # The lock and the first look are sent together: the wait includes the look, and the
-        # hold is timed from its answer.
+    def timed_look(*args: Any, **kwargs: Any) -> Any:
+        # PostgreSQL: the look is read without the lock (the general path: with it, the wait
+        # for the lock included).
         begin = time.monotonic()
-        found = look(*args)
-        locked.at = time.monotonic()
-        _batches["lock_wait"] += locked.at - begin
+        found = look(*args, **kwargs)
+        _batches["look"] += time.monotonic() - begin
+        return found
+
+    def timed_trip(*args: Any) -> Any:
+        # The lock, the claim statement and the commit, sent together: the wait for the lock
+        # and its hold, with one round trip.
+        begin = time.monotonic()
+        found = locked_trip(*args)
+        _batches["locked_trip"] += time.monotonic() - begin
         return found
 
     def timed_claim(*args: Any, **kwargs: Any) -> Any:
-        locked.at = None
         result = claim_due(*args, **kwargs)
-        if locked.at is not None:  # the lock is released when claim_due's transaction ends
-            _batches["lock_hold"] += time.monotonic() - locked.at
         _batches["claims"] += 1
         _batches["claimed"] += len(result.claims)
         return result
@@ -105,6 +109,7 @@ def _install_batch_counters() -> None:
         return complete_many(done)
 
     claims._look = timed_look
+    claims._in_one_round_trip = timed_trip
     claims.claim_due = timed_claim
     claims.complete_many = counted_complete
 

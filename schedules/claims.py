@@ -14,6 +14,7 @@ that transaction, are exact across any number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
@@ -26,7 +27,9 @@ from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import BooleanField
 from django.utils.dateparse import parse_datetime
+from psycopg.pq import TransactionStatus
 
 from kernel.processes import interrupt_calls, interrupt_unrecorded_calls
 from schedules import metrics, quotas
@@ -152,11 +155,13 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
     gets its `running` Execution. Occurrences the misfire policy skips get a `skipped` execution
     and their job moves on without holding a claim. `due_before` narrows "due" (for --once).
 
-    The claim lock is held from the first statement to the commit, and every other claimer
-    waits meanwhile, so on PostgreSQL the claim takes it in few round trips: the lock and the
-    first look are sent together, and the occurrences planned from that look are claimed and
-    their executions written in one statement. Occurrences that are not simply run (the misfire
-    policy or the active hours skip them) take the general path, `_claim_rows` then `_start`.
+    The claim lock is held from its statement to the commit, and every other claimer waits
+    meanwhile. On PostgreSQL the claimer reads and plans without it (`_claim_as_looked`): the
+    lock, one statement that claims the planned occurrences within the limits, counted there,
+    and writes their executions, and the commit go in one round trip, so the lock is held for
+    the server's work only, never for a client's answer. Occurrences that are not simply run
+    (the misfire policy or the active hours skip them), SQLite and a claim inside a caller's
+    transaction take the general path under the lock (`_claim_locked`).
     """
     result = ClaimResult()
     if limit <= 0:
@@ -164,11 +169,72 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
     # Settings made for the claim's transaction hold to the end of the outermost one: inside a
     # caller's transaction they would outlive the claim, so they are made only in our own.
     own_transaction = not connection.in_atomic_block
+    claims = None
+    if connection.vendor == "postgresql" and own_transaction:
+        claims = _claim_as_looked(worker_id, limit, due_before, result)
+    if claims is None:
+        claims = _claim_locked(worker_id, limit, due_before, result, own_transaction)
+    # The owners are read after the commit, so the claim lock is not held for it.
+    owners = _owners({claim.owner_id for claim in claims}) if claims else {}
+    result.claims = [replace(c, owner=owners.get(c.owner_id)) for c in claims]
+    for claim in result.claims:
+        metrics.CLAIMS.inc()
+        metrics.EXECUTION_LAG.labels(claim.schedule_type).observe(claim.lag_secs)
+    return result
+
+
+# How many candidates a claim planned without the lock offers per free slot: workers that
+# looked at the same time plan the same oldest occurrences, and the claim statement takes the
+# first still unclaimed, so a claimer that comes second still fills its slots.
+CLAIM_SURPLUS = 4
+CLAIM_ATTEMPTS = 3
+
+
+def _claim_as_looked(
+    worker_id: str, limit: int, due_before: datetime | None, result: ClaimResult
+) -> list[Claim] | None:
+    """PostgreSQL, in no transaction: look and plan without the claim lock, then claim what is
+    still as planned, within the limits, in one round trip (`_claim_planned`). None: a chosen
+    occurrence is skipped rather than run (misfire policy, active hours, a clock change), which
+    only the general path does.
+
+    Everything planned may have been claimed by other workers meanwhile: then look again (a
+    limit that holds the claim back shows in the look, which then chooses nothing), so a
+    worker that lost a race does not idle while occurrences are due."""
+    for _ in range(CLAIM_ATTEMPTS):
+        result.deferred = 0  # counted again by each look
+        look = _look(False, due_before, locked=False)
+        chosen = _choose(look, limit, result, surplus=CLAIM_SURPLUS)
+        if not chosen:
+            return []
+        planned, general = _plan(chosen, look.now)
+        if general:
+            result.deferred = 0  # the general path counts them again
+            return None
+        system = frozenset(row.owner for row in chosen if row.system)
+        claimed = _claim_planned(planned, worker_id, look.cutoff, limit=limit, system_owners=system)
+        for job, start in claimed.conflicts():
+            with transaction.atomic():
+                _already_started(job, start)
+        if claimed.rows:
+            return claimed.claims()
+    return []
+
+
+def _claim_locked(
+    worker_id: str,
+    limit: int,
+    due_before: datetime | None,
+    result: ClaimResult,
+    own_transaction: bool,
+) -> list[Claim]:
+    """The general path: look, choose and claim under the claim lock."""
+    claims: list[Claim] = []
     with transaction.atomic():
         look = _look(own_transaction, due_before)
         chosen = _choose(look, limit, result)
         if not chosen:
-            return result
+            return []
         general = [row.id for row in chosen]
         claimed = _ClaimedRows([], [], worker_id)
         if connection.vendor == "postgresql":
@@ -183,15 +249,8 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
             jobs, now = _claim_rows(general, worker_id, look.cutoff)
             starts = [(job, start) for job in jobs if (start := _start(job, now)) is not None]
             result.skipped += len(jobs) - len(starts)
-            result.claims.extend(_insert_runs(starts, worker_id, now))
-    result.claims = claimed.claims() + result.claims
-    # The owners are read after the commit, so the claim lock is not held for it.
-    owners = _owners({claim.owner_id for claim in result.claims}) if result.claims else {}
-    result.claims = [replace(c, owner=owners.get(c.owner_id)) for c in result.claims]
-    for claim in result.claims:
-        metrics.CLAIMS.inc()
-        metrics.EXECUTION_LAG.labels(claim.schedule_type).observe(claim.lag_secs)
-    return result
+            claims.extend(_insert_runs(starts, worker_id, now))
+    return claimed.claims() + claims
 
 
 def _lock_statement(own_transaction: bool = True) -> tuple[str, list[Any]]:
@@ -250,12 +309,14 @@ class _Look:
     counted: dict[int, int]  # runs in the window of the page's owners (none: left out)
 
 
-def _choose(look: _Look, limit: int, result: ClaimResult) -> list[_Due]:
+def _choose(look: _Look, limit: int, result: ClaimResult, surplus: int = 1) -> list[_Due]:
     """Pick which due jobs to claim: within the limits, round-robin across owners.
 
     Due jobs are read oldest first from the due index a page at a time; an owner at its
     concurrency limit or over its runs quota is left out of the pages that follow. Reading stops
     once `free` owners have a pick, so the work is bounded by the slots, not by the backlog.
+    `surplus`: pick up to that many per free slot, in order (the claim statement takes the
+    first it can).
     """
     config = settings.PICOBOT.scheduler
     cap = config.max_concurrent_per_user
@@ -289,7 +350,7 @@ def _choose(look: _Look, limit: int, result: ClaimResult) -> list[_Due]:
         counted = quotas.runs_in_window_by_owner(
             {row.owner for row in rows if not row.system and row.owner not in runs}, look.now
         )
-    return _round_robin(picks, free)
+    return _round_robin(picks, free * surplus)
 
 
 def _round_robin(picks: dict[int, list[_Due]], free: int) -> list[_Due]:
@@ -303,13 +364,14 @@ def _round_robin(picks: dict[int, list[_Due]], free: int) -> list[_Due]:
     return chosen[:free]
 
 
-def _look(own_transaction: bool, due_before: datetime | None) -> _Look:
+def _look(own_transaction: bool, due_before: datetime | None, *, locked: bool = True) -> _Look:
     """Take the claim lock and read what a claim needs to know, in ONE statement after the lock
     (each round trip under the claim lock costs every waiting worker; on PostgreSQL the two are
     sent together, so the lock's answer is not waited for): the clock, read once the lock is
     held; the running executions by owner; the first page of due jobs of the owners below their
     concurrency cap (as `_due_page` gives it); and the runs in the window of that page's owners
-    (the system principal's are not limited, so not counted)."""
+    (the system principal's are not limited, so not counted). `locked=False` (PostgreSQL): the
+    same read without the lock, for a claim that counts again under it."""
     config = settings.PICOBOT.scheduler
     ops = connection.ops
     if connection.vendor == "postgresql":
@@ -352,7 +414,7 @@ def _look(own_transaction: bool, due_before: datetime | None) -> _Look:
     params = [*bounds_params, S.RUNNING, *page_params]
     params += [config.max_concurrent_per_user, CANDIDATE_PAGE, *runs_params]
     with connection.cursor() as lock, connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
+        if connection.vendor == "postgresql" and locked:
             with connection.wrap_database_errors, connection.connection.pipeline():
                 lock.execute(*_lock_statement(own_transaction))
                 cursor.execute(sql, params)
@@ -433,54 +495,104 @@ def _plan(chosen: list[_Due], now: datetime) -> tuple[list[tuple[Job, _Start]], 
 
 
 def _claim_planned(
-    planned: list[tuple[Job, _Start]], worker_id: str, cutoff: datetime
+    planned: list[tuple[Job, _Start]],
+    worker_id: str,
+    cutoff: datetime,
+    *,
+    limit: int = 0,
+    system_owners: frozenset[int] = frozenset(),
 ) -> _ClaimedRows:
     """Claim the planned occurrences and write their `running` executions in ONE statement
     (PostgreSQL). A job is claimed only if it is still due and still as planned (a PATCH since
     the look changed it: it is left for the next claim); an occurrence whose attempt already
-    started once is not run again, its job moves past it (as in `_insert_runs`)."""
+    started once is not run again, its job moves past it (as in `_insert_runs`).
+
+    In the caller's transaction, which holds the claim lock and chose `planned` under it; or,
+    given `limit` (the free slots), in a transaction of its own sent in one round trip with the
+    lock and the commit: `planned` was then chosen from a look without the lock, in order of
+    preference, so the statement counts the running executions and the runs in the window
+    again under the lock, and claims the first still unclaimed occurrences within every limit,
+    at most `limit`."""
+    config = settings.PICOBOT.scheduler
     job_meta, execution_meta = Job._meta, Execution._meta
     guards = ["next_run_at", "schedule_version", "misfire", "pending_scheduled_for"]
     guards.append("pending_attempt")
     columns = [job_meta.pk, *(job_meta.get_field(name) for name in guards)]
     columns += [execution_meta.get_field(n) for n in ("scheduled_for", "attempt", "missed_count")]
-    rows = [
-        [
-            column.get_db_prep_save(value, connection)
-            for column, value in zip(
-                columns,
-                (
-                    *(getattr(job, name) for name in ("pk", *guards)),
-                    start.scheduled_for,
-                    start.attempt,
-                    start.missed,
-                ),
-                strict=True,
-            )
-        ]
-        for job, start in planned
+    values = [
+        (*(getattr(job, name) for name in ("pk", *guards)), s.scheduled_for, s.attempt, s.missed)
+        for job, s in planned
     ]
-    source, v, params = _rows_as_table(columns, rows)
+    if limit:
+        # Each candidate's place in the order of preference, its owner, and whether the owner
+        # is the system principal (no runs quota).
+        columns += [job_meta.pk, job_meta.pk, _BOOLEAN]
+        values = [
+            (*row, i, job.owner_id, job.owner_id in system_owners)
+            for i, (row, (job, _)) in enumerate(zip(values, planned, strict=True))
+        ]
+    rows = [
+        [column.get_db_prep_save(value, connection) for column, value in zip(columns, row, strict=True)]
+        for row in values
+    ]  # fmt: skip
+    source, v, source_params = _rows_as_table(columns, rows)
+    job_id, scheduled_for, attempt, missed = v[0], *v[1 + len(guards) : 4 + len(guards)]
     job_table, table = job_meta.db_table, execution_meta.db_table
     matches = " AND ".join(
         f"j.{job_meta.get_field(name).column} IS NOT DISTINCT FROM v.{alias}"
         for name, alias in zip(guards, v[1 : 1 + len(guards)], strict=True)
     )
-    due = "enabled AND deleted_at IS NULL AND claim_token IS NULL AND next_run_at <= %s"
+    due = "j.enabled AND j.deleted_at IS NULL AND j.claim_token IS NULL AND j.next_run_at <= %s"
+    cutoff_param = connection.ops.adapt_datetimefield_value(cutoff)
+    if limit:
+        pos, owner, system = v[-3:]
+        runs_sql, runs_params = quotas.runs_in_window_sql(
+            f"SELECT {owner} AS owner_id FROM ranked WHERE NOT {system}",  # noqa: S608 (aliases)
+            window_start_sql="(SELECT window_start FROM clock)",
+        )
+        sql = (
+            "WITH clock AS (SELECT now, now - make_interval(secs => %s) AS window_start "  # noqa: S608 (names from the models, values bound)
+            "FROM (SELECT clock_timestamp() AS now) t), "
+            f"v AS (SELECT * FROM {source}), "
+            f"live AS (SELECT v.* FROM v JOIN {job_table} j ON j.id = v.{job_id} "
+            f"WHERE {due} AND {matches} ORDER BY j.id FOR UPDATE OF j SKIP LOCKED), "
+            f"running AS (SELECT owner_id, COUNT(*) AS n FROM {table} WHERE status = %s "
+            "GROUP BY owner_id), "
+            "ranked AS (SELECT live.*, "
+            f"row_number() OVER (PARTITION BY {owner} ORDER BY {pos}) AS k FROM live), "
+            f"counted(owner_id, n) AS ({runs_sql}), "
+            "chosen AS (SELECT r.* FROM ranked r "
+            f"LEFT JOIN running n ON n.owner_id = r.{owner} "
+            f"LEFT JOIN counted c ON c.owner_id = r.{owner} "
+            f"WHERE r.k + COALESCE(n.n, 0) <= %s AND (r.{system} OR r.k + COALESCE(c.n, 0) <= %s) "
+            f"ORDER BY r.{pos} "
+            "LIMIT (SELECT GREATEST(0, LEAST(%s, %s - COALESCE(SUM(n), 0))) FROM running)), "
+            f"claimed AS (UPDATE {job_table} j SET claim_token = gen_random_uuid(), "
+            "claimed_by = %s, claimed_at = clock.now, "
+            "lease_expires_at = clock.now + make_interval(secs => %s) "
+            f"FROM clock, chosen v WHERE j.id = v.{job_id} "
+        )
+        params = [config.window_secs, *source_params, cutoff_param, S.RUNNING, *runs_params]
+        params += [config.max_concurrent_per_user, config.max_runs_per_window]
+        params += [limit, config.max_concurrent, worker_id, config.lease_secs]
+    else:
+        sql = (
+            "WITH clock AS (SELECT clock_timestamp() AS now), "  # noqa: S608 (names from the models, values bound)
+            f"claimed AS (UPDATE {job_table} j SET claim_token = gen_random_uuid(), "
+            "claimed_by = %s, claimed_at = clock.now, "
+            "lease_expires_at = clock.now + make_interval(secs => %s) "
+            f"FROM clock, {source} WHERE j.id = v.{job_id} AND j.id IN (SELECT j.id "
+            f"FROM {job_table} j WHERE j.id = ANY(%s) AND {due} ORDER BY j.id LIMIT %s "
+            f"FOR UPDATE SKIP LOCKED) AND {matches} "
+        )
+        params = [worker_id, config.lease_secs, *source_params]
+        params += [[job.pk for job, _ in planned], cutoff_param, len(planned)]
     back = _ClaimedRows.BACK
-    sql = (
-        "WITH clock AS (SELECT clock_timestamp() AS now), "  # noqa: S608 (names from the models, values bound)
-        f"claimed AS (UPDATE {job_table} j SET claim_token = gen_random_uuid(), claimed_by = %s, "
-        "claimed_at = clock.now, lease_expires_at = clock.now + make_interval(secs => %s) "
-        f"FROM clock, {source} WHERE j.id = v.{v[0]} AND j.id IN (SELECT id FROM {job_table} "
-        f"WHERE id = ANY(%s) AND {due} ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) "
-        f"AND {matches} RETURNING j.id, {', '.join(f'j.{name}' for name in back)}, "
-        f"clock.now AS now, v.{v[-3]} AS scheduled_for, v.{v[-2]} AS attempt, "
-        f"v.{v[-1]} AS missed) "
+    sql += (
+        f"RETURNING j.id, {', '.join(f'j.{name}' for name in back)}, "
+        f"clock.now AS now, v.{scheduled_for} AS scheduled_for, v.{attempt} AS attempt, "
+        f"v.{missed} AS missed) "
     )
-    params = [worker_id, settings.PICOBOT.scheduler.lease_secs, *params]
-    params += [[job.pk for job, _ in planned], connection.ops.adapt_datetimefield_value(cutoff)]
-    params.append(len(planned))
     from_claimed = {
         "job_id": "c.id",
         "owner_id": "c.owner_id",
@@ -494,29 +606,58 @@ def _claim_planned(
         "missed_count": "c.missed",
     }
     given = {"status": S.RUNNING, "worker_id": worker_id}
-    names, values = [], []
+    names, inserted = [], []
     for f in execution_meta.concrete_fields:
         if f.primary_key:
             continue
         names.append(f.column)
         if f.column in from_claimed:
-            values.append(from_claimed[f.column])
+            inserted.append(from_claimed[f.column])
         else:
-            values.append("%s")
+            inserted.append("%s")
             params.append(f.get_db_prep_save(given.get(f.attname, f.get_default()), connection))
     sql += (
         f", started AS (INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608 (names from the models, values bound)
-        f"SELECT {', '.join(values)} FROM claimed c "
+        f"SELECT {', '.join(inserted)} FROM claimed c "
         "ON CONFLICT (job_id, scheduled_for, attempt) DO NOTHING RETURNING job_id, id) "
         "SELECT c.*, s.id FROM claimed c LEFT JOIN started s ON s.job_id = c.id"
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        found = cursor.fetchall()
+    if limit:
+        found = _in_one_round_trip(sql, params)
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            found = cursor.fetchall()
     claimed = _ClaimedRows(planned, found, worker_id)
-    for job, start in claimed.conflicts():
-        _already_started(job, start)
+    if not limit:
+        for job, start in claimed.conflicts():
+            _already_started(job, start)
     return claimed
+
+
+_BOOLEAN = BooleanField()
+
+
+def _in_one_round_trip(sql: str, params: list[Any]) -> list[Any]:
+    """Run `sql` in a transaction of its own under the claim lock, sent with the lock and the
+    commit in one pipeline (PostgreSQL, the connection in autocommit): the lock is held for the
+    server's work only. Returns the statement's rows."""
+    lock_sql, lock_params = _lock_statement(True)
+    pgconn = connection.connection
+    try:
+        with connection.cursor() as control, connection.cursor() as cursor:
+            with connection.wrap_database_errors, pgconn.pipeline():
+                control.execute("BEGIN")
+                control.execute(lock_sql, lock_params)
+                cursor.execute(sql, params)
+                control.execute("COMMIT")
+            return cursor.fetchall()
+    except BaseException:
+        # The pipeline stopped at the error: end the transaction it left open, if any.
+        if not pgconn.closed and pgconn.info.transaction_status != TransactionStatus.IDLE:
+            with contextlib.suppress(Exception):
+                pgconn.execute("ROLLBACK")
+        raise
 
 
 class _ClaimedRows:

@@ -18,7 +18,9 @@ from schedules.dbtime import db_now
 from schedules.models import Execution, ExecutionStatus, Job
 
 S = ExecutionStatus
-pytestmark = pytest.mark.django_db
+# Transactional: a claim in a transaction of its own takes the path workers take (on PostgreSQL,
+# planned without the lock and claimed in one round trip), not the one inside a caller's.
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
@@ -519,8 +521,9 @@ def test_db_now_is_used_for_leases_not_the_host_clock(make_job):
 def test_a_claim_sends_the_same_statements_however_many_it_claims(
     make_job, make_user, picobot_config
 ):
-    # Under the claim lock every round trip costs each waiting worker: the lock and the first
-    # look go together, and the claim with its executions is one statement, for 1 job or 8.
+    # Every moment the claim lock is held costs each waiting worker: the look is read without
+    # it, and the lock, the claim with its executions (one statement, for 1 job or 8) and the
+    # commit are sent together.
     picobot_config("scheduler", max_concurrent=16)
     counts = []
     for n in (1, 8):
@@ -529,11 +532,14 @@ def test_a_claim_sends_the_same_statements_however_many_it_claims(
         with CaptureQueriesContext(connection) as captured:
             assert len(claim(limit=n)) == n
         counts.append([q["sql"].split()[0] for q in captured.captured_queries])
+        assert "pg_advisory_xact_lock" in captured.captured_queries[2]["sql"]
     assert counts[0] == counts[1]
-    assert [q for q in counts[0] if q not in ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE")] == [
+    assert counts[0] == [
+        "WITH",  # the look, without the lock
+        "BEGIN",  # then in one round trip:
         "SELECT",  # the claim lock
-        "WITH",  # the first look
-        "WITH",  # the claim and its executions
+        "WITH",  # the claim and its executions, the limits counted again
+        "COMMIT",
         "SELECT",  # the owners, after the commit
     ]
 
@@ -583,3 +589,87 @@ def test_a_job_changed_after_the_look_is_not_claimed_as_planned(make_job, monkey
     [claimed] = again.claims
     assert (claimed.scheduled_for, claimed.attempt) == (expected.scheduled_for, expected.attempt)
     assert claimed.schedule_version == Job.objects.get(pk=job.pk).schedule_version
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the claim planned without the lock")
+@pytest.mark.parametrize(
+    "limit", ["max_concurrent_per_user", "max_concurrent", "max_runs_per_window"]
+)
+def test_the_limits_are_counted_again_under_the_lock_after_a_look_without_it(
+    make_job, make_user, picobot_config, monkeypatch, limit
+):
+    # A worker looks and plans without the claim lock; before it claims, another worker claims
+    # runs that reach a limit. The limits must hold as counted under the lock, not as looked.
+    limits = {"max_concurrent": 50, "max_concurrent_per_user": 50, "max_runs_per_window": 1000}
+    picobot_config("scheduler", **{**limits, limit: 2})
+    alice, bob = make_user(), make_user()
+    now = db_now()
+    mine = [make_job(owner=alice, next_run_at=now - timedelta(seconds=60 + i)) for i in range(2)]
+    real_look = claims._look
+
+    def look_then_another_worker_claims(*args: Any, **kwargs: Any) -> Any:
+        look = real_look(*args, **kwargs)
+        monkeypatch.setattr(claims, "_look", real_look)
+        # Due before alice's, so the other worker takes these; alice's are left as planned.
+        owner = bob if limit == "max_concurrent" else alice
+        for i in range(2):
+            make_job(owner=owner, next_run_at=now - timedelta(seconds=600 + i))
+        others = claims.claim_due("w1", 2, due_before=now - timedelta(seconds=300)).claims
+        assert len(others) == 2 and not {c.job_id for c in others} & {j.pk for j in mine}
+        return look
+
+    monkeypatch.setattr(claims, "_look", look_then_another_worker_claims)
+    late = claims.claim_due("w2", 10)
+    assert late.claims == []
+    assert Job.objects.filter(pk__in=[j.pk for j in mine], claim_token__isnull=True).count() == 2
+    # With the limit raised, the same claim takes them.
+    picobot_config("scheduler", **{limit: 4})
+    assert sorted(c.job_id for c in claims.claim_due("w2", 10).claims) == sorted(j.pk for j in mine)
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the claim planned without the lock")
+def test_a_worker_that_looked_with_another_still_fills_its_slots(make_job, make_user, monkeypatch):
+    # Two workers look at the same moment and plan the same oldest occurrences; the one that
+    # claims second takes the next ones it planned instead of coming away empty.
+    now = db_now()
+    jobs = [
+        make_job(owner=make_user(), next_run_at=now - timedelta(seconds=60 - i)) for i in range(6)
+    ]
+    real_look = claims._look
+
+    def look_then_another_worker_claims(*args: Any, **kwargs: Any) -> Any:
+        look = real_look(*args, **kwargs)
+        monkeypatch.setattr(claims, "_look", real_look)
+        assert [c.job_id for c in claims.claim_due("w1", 2).claims] == [j.pk for j in jobs[:2]]
+        return look
+
+    monkeypatch.setattr(claims, "_look", look_then_another_worker_claims)
+    assert [c.job_id for c in claims.claim_due("w2", 2).claims] == [j.pk for j in jobs[2:4]]
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the claim planned without the lock")
+def test_a_worker_that_lost_every_occurrence_it_planned_looks_again(
+    make_job, make_user, monkeypatch, picobot_config
+):
+    # Another worker claimed everything this one planned: occurrences are still due, so it
+    # looks again rather than coming away empty (and idling for a tick).
+    picobot_config("scheduler", max_concurrent=16)
+    now = db_now()
+    jobs = [
+        make_job(owner=make_user(), next_run_at=now - timedelta(seconds=60 - i)) for i in range(8)
+    ]
+    real_look = claims._look
+    looks = []
+
+    def look_then_another_worker_claims(*args: Any, **kwargs: Any) -> Any:
+        look = real_look(*args, **kwargs)
+        looks.append(look)
+        if len(looks) == 1:
+            taken = claims.claim_due("w1", claims.CLAIM_SURPLUS).claims
+            assert len(taken) == claims.CLAIM_SURPLUS
+        return look
+
+    monkeypatch.setattr(claims, "_look", look_then_another_worker_claims)
+    [claimed] = claims.claim_due("w2", 1).claims
+    assert claimed.job_id == jobs[claims.CLAIM_SURPLUS].pk
+    assert len(looks) == 3  # w2's first look, w1's, w2's second
