@@ -180,6 +180,9 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
     for claim in result.claims:
         metrics.CLAIMS.inc()
         metrics.EXECUTION_LAG.labels(claim.schedule_type).observe(claim.lag_secs)
+    if result.deferred:
+        # Counted by the last look only (a claim may look more than once).
+        metrics.DEFERRED.labels("max_runs_per_window").inc(result.deferred)
     return result
 
 
@@ -213,12 +216,23 @@ def _claim_as_looked(
             return None
         system = frozenset(row.owner for row in chosen if row.system)
         claimed = _claim_planned(planned, worker_id, look.cutoff, limit=limit, system_owners=system)
-        for job, start in claimed.conflicts():
-            with transaction.atomic():
-                _already_started(job, start)
         if claimed.rows:
+            _move_past_conflicts(claimed.conflicts())
             return claimed.claims()
     return []
+
+
+def _move_past_conflicts(conflicts: list[tuple[Job, _Start]]) -> None:
+    """After the claim committed: move each job whose occurrence had already started past it.
+    An error here must not lose the claims committed with it (they are returned whatever
+    happens); a job left claimed without an execution is released by recovery, and the next
+    claim meets the conflict again."""
+    for job, start in conflicts:
+        try:
+            with transaction.atomic():
+                _already_started(job, start)
+        except Exception:
+            logger.exception("job=%s: could not move past its started occurrence", job.pk)
 
 
 def _claim_locked(
@@ -338,7 +352,6 @@ def _choose(look: _Look, limit: int, result: ClaimResult, surplus: int = 1) -> l
             mine = picks.setdefault(row.owner, [])
             if not row.system and runs[row.owner] + len(mine) >= config.max_runs_per_window:
                 result.deferred += 1
-                metrics.DEFERRED.labels("max_runs_per_window").inc()
                 closed.add(row.owner)
                 continue
             mine.append(row)
@@ -647,7 +660,10 @@ def _in_one_round_trip(sql: str, params: list[Any]) -> list[Any]:
     try:
         with connection.cursor() as control, connection.cursor() as cursor:
             with connection.wrap_database_errors, pgconn.pipeline():
-                control.execute("BEGIN")
+                # READ COMMITTED whatever the server's default: each statement's snapshot is
+                # taken when it starts, so the claim statement sees every commit made before
+                # the lock was granted.
+                control.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                 control.execute(lock_sql, lock_params)
                 cursor.execute(sql, params)
                 control.execute("COMMIT")
@@ -657,6 +673,8 @@ def _in_one_round_trip(sql: str, params: list[Any]) -> list[Any]:
         if not pgconn.closed and pgconn.info.transaction_status != TransactionStatus.IDLE:
             with contextlib.suppress(Exception):
                 pgconn.execute("ROLLBACK")
+        if not pgconn.closed and pgconn.info.transaction_status != TransactionStatus.IDLE:
+            connection.close()  # never left holding a transaction (and the lock) Django can't see
         raise
 
 
@@ -1404,9 +1422,13 @@ def job_changes(
         # A `superseded` attempt was recovered as `lost` (only recovery takes a running claim
         # away) before its worker came back and recorded itself: it was a failed attempt, and
         # not counting it would allow one retry more than max_retries.
+        # Of this version: a PATCH resets the failure count, so a once job whose prompt was
+        # fixed after its attempts failed gets its retries with the fix (a recurring job's
+        # retries never span a version: the PATCH dropped them).
         failures = Execution.objects.filter(
             job_id=job.pk,
             scheduled_for=execution.scheduled_for,
+            schedule_version=job.schedule_version,
             status__in=[*FAILURE_STATUSES, S.SUPERSEDED],
         ).count()
         if failures <= config.max_retries:

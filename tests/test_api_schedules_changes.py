@@ -134,6 +134,30 @@ def test_a_once_job_patched_while_it_runs_ends_or_runs_the_change_next(client, o
     )
 
 
+def test_a_once_job_patched_during_its_last_allowed_attempt_still_tries_the_fix(
+    client, picobot_config
+):
+    # The PATCH resets the failure count: the attempts of the old prompt do not use up the
+    # retries of the new one.
+    picobot_config("scheduler", max_retries=1)
+    job, first = _failed_once_job(client)
+    last = _claim_now(job)  # attempt 2: the old prompt's last allowed one
+    assert client.patch(detail(job.pk), {"prompt": "fixed"}, format="json").status_code == 200
+    complete(last, Outcome(S.FAILED, error="boom again"))
+    job.refresh_from_db()
+    assert job.enabled and (job.pending_scheduled_for, job.pending_attempt) == (
+        first.scheduled_for,
+        3,
+    )
+    fixed = _claim_now(job)
+    assert (fixed.prompt, fixed.attempt) == ("fixed", 3)
+    # The new prompt gets max_retries of its own, then the occurrence is given up.
+    complete(fixed, Outcome(S.FAILED, error="still broken"))
+    complete(_claim_now(job), Outcome(S.FAILED, error="still broken"))
+    job.refresh_from_db()
+    assert (job.enabled, job.next_run_at, job.pending_scheduled_for) == (False, None, None)
+
+
 def test_a_once_job_given_a_new_time_drops_its_retry_for_the_new_occurrence(client):
     job, _ = _failed_once_job(client)
     run_at = db_now() + timedelta(hours=5)
