@@ -81,6 +81,9 @@ COMPLETION_BATCH = 32
 GIL_SWITCH_SECS = 0.0005
 COMPLETION_GAP_SECS = 0.003
 COMPLETION_FLUSH_SECS = 0.025
+# A busy worker whose claims fill its slots reads the agenda (whether anything is due, whether
+# a lease expired) at least this often; claims in between go straight to the look.
+AGENDA_EVERY_SECS = 1.0
 
 
 def _keep_connection_if_clean() -> None:
@@ -253,6 +256,10 @@ class Worker:
         self._waker = Waker()
         self._monitor_stop = threading.Event()
         self._next_purge = 0.0
+        # The last claim took every slot it asked for, so more is likely due: the next tick
+        # claims without reading the agenda first, if that was read recently (handle_one_tick).
+        self._more_due = False
+        self._agenda_at = 0.0
         self._listener: Any = None
         self._next_listen = 0.0
         self._queue: queue.SimpleQueue[tuple[claims.Claim, RunControl] | None] = queue.SimpleQueue()
@@ -302,8 +309,14 @@ class Worker:
         One query (`claims.agenda`) says whether a lease expired and whether anything is due,
         so an idle tick costs the database that query and nothing else."""
         self.handle_one_purge()
+        fresh = time.monotonic() - self._agenda_at < AGENDA_EVERY_SECS
+        if self._more_due and fresh and self.handle_one_claim(known_due=True):
+            # The last claim filled every free slot, so more was likely due: claim again at
+            # once. The agenda (and so the check for expired leases) is still read at least
+            # every AGENDA_EVERY_SECS, and whenever a claim takes nothing.
+            return True
         agenda = claims.agenda()
-        taken = time.monotonic()
+        taken = self._agenda_at = time.monotonic()
         # A recovered job may be due at once: then the agenda is stale, so ask again.
         recovered = agenda.leases_expired() and self.handle_one_recovery()
         if recovered or agenda.due():
@@ -372,6 +385,7 @@ class Worker:
         if not known_due and not claims.anything_due(due_before):
             return False
         result = claims.claim_due(self.worker_id, free, due_before=due_before)
+        self._more_due = len(result.claims) >= free
         self.skipped_count += result.skipped
         for claim in result.claims:
             self._start(claim)

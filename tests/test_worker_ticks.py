@@ -1,0 +1,68 @@
+"""What one tick of the worker's loop asks the database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from schedules import claims, worker
+from schedules.dbtime import db_now
+from schedules.models import Job
+from schedules.worker import AGENDA_EVERY_SECS, Worker
+
+# Transactional: the worker's claims take their own transactions, as in a real worker.
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def ticking(make_user: Any, monkeypatch: Any, picobot_config: Any) -> Iterator[Any]:
+    """A worker of 2 slots whose runs are only recorded, 7 due jobs, and a count of the
+    agenda reads."""
+    picobot_config("scheduler", max_concurrent=50, max_concurrent_per_user=50)
+    owner = make_user("ticker")
+    now = db_now()
+    for i in range(7):
+        Job.objects.create(
+            owner=owner,
+            name=f"job {i}",
+            prompt="hi",
+            schedule_type="interval",
+            interval_secs=3600,
+            next_run_at=now - timedelta(seconds=60 - i),
+        )
+    started: list[claims.Claim] = []
+    agendas: list[claims.Agenda] = []
+    real_agenda = claims.agenda
+
+    def counted_agenda() -> claims.Agenda:
+        agendas.append(real_agenda())
+        return agendas[-1]
+
+    monkeypatch.setattr(claims, "agenda", counted_agenda)
+    w = Worker(worker_id="ticks", concurrency=2)
+    monkeypatch.setattr(w, "_start", started.append)  # the slots stay free
+    monkeypatch.setattr(w, "idle", lambda *args, **kwargs: None)
+    yield w, started, agendas
+
+
+def test_a_worker_whose_claims_fill_its_slots_claims_again_without_the_agenda(ticking) -> None:
+    w, started, agendas = ticking
+    assert w.handle_one_tick() and (len(started), len(agendas)) == (2, 1)
+    # More is likely due: straight to the claim.
+    assert w.handle_one_tick() and (len(started), len(agendas)) == (4, 1)
+    assert w.handle_one_tick() and (len(started), len(agendas)) == (6, 1)
+    # The last one: the claim took fewer than it asked for, so the next tick reads the agenda.
+    assert w.handle_one_tick() and (len(started), len(agendas)) == (7, 1)
+    assert not w.handle_one_tick() and len(agendas) == 2
+
+
+def test_a_busy_worker_still_reads_the_agenda_every_so_often(ticking, monkeypatch) -> None:
+    # The agenda is what finds an expired lease: a worker kept busy by due work still reads it.
+    w, started, agendas = ticking
+    assert w.handle_one_tick() and len(agendas) == 1
+    clock = worker.time.monotonic
+    monkeypatch.setattr(worker.time, "monotonic", lambda: clock() + AGENDA_EVERY_SECS)
+    assert w.handle_one_tick() and (len(started), len(agendas)) == (4, 2)
