@@ -174,9 +174,10 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
         claims = _claim_as_looked(worker_id, limit, due_before, result)
     if claims is None:
         claims = _claim_locked(worker_id, limit, due_before, result, own_transaction)
-    # The owners are read after the commit, so the claim lock is not held for it.
-    owners = _owners({claim.owner_id for claim in claims}) if claims else {}
-    result.claims = [replace(c, owner=owners.get(c.owner_id)) for c in claims]
+    # Owners the claim did not read with it are read after the commit, off the claim lock.
+    missing = {claim.owner_id for claim in claims if claim.owner is None}
+    owners = _owners(missing) if missing else {}
+    result.claims = [c if c.owner else replace(c, owner=owners.get(c.owner_id)) for c in claims]
     for claim in result.claims:
         metrics.CLAIMS.inc()
         metrics.EXECUTION_LAG.labels(claim.schedule_type).observe(claim.lag_secs)
@@ -629,11 +630,18 @@ def _claim_planned(
         else:
             inserted.append("%s")
             params.append(f.get_db_prep_save(given.get(f.attname, f.get_default()), connection))
+    owner_columns = ""
+    if limit:
+        # The owners too, so no query follows the claim (one primary-key row each).
+        users = _user_model()._meta
+        owner_columns = ", " + ", ".join(f"u.{f.column}" for f in users.concrete_fields)
+        owner_columns += f" FROM claimed c JOIN {users.db_table} u ON u.id = c.owner_id"
     sql += (
         f", started AS (INSERT INTO {table} ({', '.join(names)}) "  # noqa: S608 (names from the models, values bound)
         f"SELECT {', '.join(inserted)} FROM claimed c "
         "ON CONFLICT (job_id, scheduled_for, attempt) DO NOTHING RETURNING job_id, id) "
-        "SELECT c.*, s.id FROM claimed c LEFT JOIN started s ON s.job_id = c.id"
+        f"SELECT c.*, s.id{owner_columns or ' FROM claimed c'} "
+        "LEFT JOIN started s ON s.job_id = c.id"
     )
     if limit:
         found = _in_one_round_trip(sql, params)
@@ -693,9 +701,14 @@ class _ClaimedRows:
         "next_run_at",
     )
 
+    WIDTH = 1 + len(BACK) + 5  # id, BACK, now, scheduled_for, attempt, missed, execution id
+
     def __init__(self, planned: list[tuple[Job, _Start]], rows: list[Any], worker_id: str):
         self.plans = {job.pk: (job, start) for job, start in planned}
-        self.rows = sorted(rows, key=lambda row: (row[8], row[0]))  # oldest due first
+        rows = sorted(rows, key=lambda row: (row[8], row[0]))  # oldest due first
+        # Past the claim's own columns, the owner's when the statement read them.
+        self.rows = [row[: self.WIDTH] for row in rows]
+        self.owners = {row[0]: row[self.WIDTH :] for row in rows if len(row) > self.WIDTH}
         self.worker_id = worker_id
 
     def _jobs(self) -> Iterator[tuple[Job, _Start, int | None]]:
@@ -715,11 +728,30 @@ class _ClaimedRows:
         return [(job, start) for job, start, execution_id in self._jobs() if execution_id is None]
 
     def claims(self) -> list[Claim]:
-        return [
+        claims = [
             _claimed(job, start, execution_id, job.claimed_at, self.worker_id)
             for job, start, execution_id in self._jobs()
             if execution_id is not None
         ]
+        if not self.owners:
+            return claims
+        return [replace(c, owner=_user_from_row(self.owners[c.job_id])) for c in claims]
+
+
+def _user_model() -> Any:
+    return Job._meta.get_field("owner").related_model
+
+
+def _user_from_row(values: tuple[Any, ...]) -> Any:
+    """A user from its columns in the order of its concrete fields, as the ORM loads one."""
+    model = _user_model()
+    fields = model._meta.concrete_fields
+    converted = []
+    for f, value in zip(fields, values, strict=True):
+        for convert in f.get_db_converters(connection):
+            value = convert(value, f, connection)
+        converted.append(value)
+    return model.from_db(connection.alias, [f.attname for f in fields], converted)
 
 
 def _claim_rows(job_ids: list[int], worker_id: str, cutoff: datetime) -> tuple[list[Job], datetime]:

@@ -563,9 +563,20 @@ def test_a_claim_sends_the_same_statements_however_many_it_claims(
         "BEGIN",  # then in one round trip:
         "SELECT",  # the claim lock
         "WITH",  # the claim and its executions, the limits counted again
-        "COMMIT",
-        "SELECT",  # the owners, after the commit
+        "COMMIT",  # (the owners came with the claim: no query after it)
     ]
+
+
+def test_a_claim_gives_each_run_its_owner_as_the_orm_loads_it(make_job, make_user):
+    owner = make_user(grant=["shell:echo", "net:*.example.com"], is_system=False)
+    make_job(owner=owner)
+    [claimed] = claim()
+    stored = User.objects.get(pk=owner.pk)
+    assert claimed.owner is not None and claimed.owner.pk == owner.pk
+    for f in User._meta.concrete_fields:
+        assert getattr(claimed.owner, f.attname) == getattr(stored, f.attname), f.name
+    assert claimed.owner.grant == ["shell:echo", "net:*.example.com"]
+    assert not claimed.owner._state.adding
 
 
 @pytest.mark.parametrize(
