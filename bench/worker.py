@@ -28,13 +28,25 @@ _batches = {"claims": 0, "claimed": 0, "look": 0.0, "locked_trip": 0.0}
 _batches |= {"completions": 0, "completed": 0}
 
 
+_explicit = threading.local()
+
+
 def _count(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
     if _counts["on"]:
         connection = context["connection"]
         implicit = connection.get_autocommit() and not connection.in_atomic_block
+        # A transaction sent as BEGIN ... COMMIT in autocommit (the claim's one round trip):
+        # its statements are not commits of their own, and BEGIN and COMMIT not statements.
+        word = sql.lstrip()[:6].upper()
+        if word.startswith("BEGIN"):
+            _explicit.on = True
         with _lock:
-            _counts["statements"] += 1
-            _counts["commits"] += int(implicit)
+            if word == "COMMIT":
+                _explicit.on = False
+                _counts["commits"] += 1
+            elif not word.startswith("BEGIN"):
+                _counts["statements"] += 1
+                _counts["commits"] += int(implicit and not getattr(_explicit, "on", False))
     return execute(sql, params, many, context)
 
 
