@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -58,8 +59,18 @@ CLAIM_LOCK_KEY = 0x7069636F
 # JIT is off in the claim too: compiling a plan whose estimate looks big costs tens of
 # milliseconds under the lock, for statements that run in one or two.
 CLAIM_IDLE_LIMIT_MS = 2000
-# Due jobs read per page of the claim's candidate scan.
+# Due jobs read per page of the claim's candidate scan: enough for the free slots twice over
+# (reading, sending and parsing a candidate costs; the rest of a page is rarely used), at
+# least MIN_CANDIDATE_PAGE, at most CANDIDATE_PAGE. A page of owners at their limits is
+# followed by the next.
 CANDIDATE_PAGE = 200
+MIN_CANDIDATE_PAGE = 16
+
+
+def _page_size(wanted: int) -> int:
+    return min(CANDIDATE_PAGE, max(MIN_CANDIDATE_PAGE, 2 * wanted))
+
+
 MAX_OUTPUT_CHARS = 20_000
 MAX_ERROR_CHARS = 4_000
 CANCELLED_ON_REQUEST = "cancelled on request"
@@ -187,11 +198,15 @@ def claim_due(worker_id: str, limit: int, *, due_before: datetime | None = None)
     return result
 
 
-# How many candidates a claim planned without the lock offers per free slot: workers that
-# looked at the same time plan the same oldest occurrences, and the claim statement takes the
-# first still unclaimed, so a claimer that comes second still fills its slots.
+# How many candidates a claim planned without the lock offers per free slot once claims have
+# been seen to come short (other workers took what this one planned): workers that looked at
+# the same time plan the same oldest occurrences, and the claim statement takes the first
+# still unclaimed, so a claimer that comes second still fills its slots. Uncontended (one
+# worker), each claim offers one per slot: planning and locking more would be wasted.
 CLAIM_SURPLUS = 4
+CLAIM_SURPLUS_SECS = 10.0  # how long a short claim keeps the surplus on
 CLAIM_ATTEMPTS = 3
+_contended_until = 0.0
 
 
 def _claim_as_looked(
@@ -205,10 +220,12 @@ def _claim_as_looked(
     Everything planned may have been claimed by other workers meanwhile: then look again (a
     limit that holds the claim back shows in the look, which then chooses nothing), so a
     worker that lost a race does not idle while occurrences are due."""
+    global _contended_until
     for _ in range(CLAIM_ATTEMPTS):
         result.deferred = 0  # counted again by each look
-        look = _look(False, due_before, locked=False)
-        chosen = _choose(look, limit, result, surplus=CLAIM_SURPLUS)
+        surplus = CLAIM_SURPLUS if time.monotonic() < _contended_until else 1
+        look = _look(False, due_before, locked=False, wanted=limit * surplus)
+        chosen = _choose(look, limit, result, surplus=surplus)
         if not chosen:
             return []
         planned, general = _plan(chosen, look.now)
@@ -217,6 +234,8 @@ def _claim_as_looked(
             return None
         system = frozenset(row.owner for row in chosen if row.system)
         claimed = _claim_planned(planned, worker_id, look.cutoff, limit=limit, system_owners=system)
+        if len(claimed.rows) < min(limit, len(planned)):
+            _contended_until = time.monotonic() + CLAIM_SURPLUS_SECS
         if claimed.rows:
             _move_past_conflicts(claimed.conflicts())
             return claimed.claims()
@@ -246,7 +265,7 @@ def _claim_locked(
     """The general path: look, choose and claim under the claim lock."""
     claims: list[Claim] = []
     with transaction.atomic():
-        look = _look(own_transaction, due_before)
+        look = _look(own_transaction, due_before, wanted=limit)
         chosen = _choose(look, limit, result)
         if not chosen:
             return []
@@ -321,6 +340,7 @@ class _Look:
     cutoff: datetime
     running: dict[int, int]  # running executions by owner
     page: list[_Due]  # the first page of candidates, of owners below their concurrency cap
+    page_size: int  # how many the page could hold (a shorter page is the last)
     counted: dict[int, int]  # runs in the window of the page's owners (none: left out)
 
 
@@ -358,9 +378,9 @@ def _choose(look: _Look, limit: int, result: ClaimResult, surplus: int = 1) -> l
             mine.append(row)
             if running.get(row.owner, 0) + len(mine) >= cap:
                 closed.add(row.owner)
-        if len(rows) < CANDIDATE_PAGE or sum(1 for mine in picks.values() if mine) >= free:
+        if len(rows) < look.page_size or sum(1 for mine in picks.values() if mine) >= free:
             break
-        rows = _due_page(look.cutoff, (rows[-1].due_at, rows[-1].id), closed)
+        rows = _due_page(look.cutoff, (rows[-1].due_at, rows[-1].id), closed, look.page_size)
         counted = quotas.runs_in_window_by_owner(
             {row.owner for row in rows if not row.system and row.owner not in runs}, look.now
         )
@@ -378,14 +398,18 @@ def _round_robin(picks: dict[int, list[_Due]], free: int) -> list[_Due]:
     return chosen[:free]
 
 
-def _look(own_transaction: bool, due_before: datetime | None, *, locked: bool = True) -> _Look:
+def _look(
+    own_transaction: bool, due_before: datetime | None, *, locked: bool = True, wanted: int = 0
+) -> _Look:
     """Take the claim lock and read what a claim needs to know, in ONE statement after the lock
     (each round trip under the claim lock costs every waiting worker; on PostgreSQL the two are
     sent together, so the lock's answer is not waited for): the clock, read once the lock is
     held; the running executions by owner; the first page of due jobs of the owners below their
     concurrency cap (as `_due_page` gives it); and the runs in the window of that page's owners
     (the system principal's are not limited, so not counted). `locked=False` (PostgreSQL): the
-    same read without the lock, for a claim that counts again under it."""
+    same read without the lock, for a claim that counts again under it. `wanted`: how many
+    candidates the claim will choose (it sizes the page)."""
+    page_size = _page_size(wanted)
     config = settings.PICOBOT.scheduler
     ops = connection.ops
     if connection.vendor == "postgresql":
@@ -426,7 +450,7 @@ def _look(own_transaction: bool, due_before: datetime | None, *, locked: bool = 
         f"UNION ALL SELECT 4, NULL, NULL, NULL, cutoff, {pad} FROM bounds"
     )
     params = [*bounds_params, S.RUNNING, *page_params]
-    params += [config.max_concurrent_per_user, CANDIDATE_PAGE, *runs_params]
+    params += [config.max_concurrent_per_user, page_size, *runs_params]
     with connection.cursor() as lock, connection.cursor() as cursor:
         if connection.vendor == "postgresql" and locked:
             with connection.wrap_database_errors, connection.connection.pipeline():
@@ -436,7 +460,9 @@ def _look(own_transaction: bool, due_before: datetime | None, *, locked: bool = 
             # SQLite: the transaction began IMMEDIATE (settings): it holds the writer lock.
             cursor.execute(sql, params)
         found = cursor.fetchall()
-    look = _Look(now=datetime.min, cutoff=datetime.min, running={}, page=[], counted={})
+    look = _Look(
+        now=datetime.min, cutoff=datetime.min, running={}, page=[], page_size=page_size, counted={}
+    )
     for kind, a, b, c, d, *rest in found:
         if kind == 0:
             look.running[a] = int(b)
@@ -453,13 +479,15 @@ def _look(own_transaction: bool, due_before: datetime | None, *, locked: bool = 
     return look
 
 
-def _due_page(cutoff: datetime, after: tuple[Any, int] | None, closed: set[int]) -> list[_Due]:
+def _due_page(
+    cutoff: datetime, after: tuple[Any, int] | None, closed: set[int], size: int
+) -> list[_Due]:
     """One page of due jobs, oldest first, from the due index."""
     marks = ", ".join(["%s"] * len(closed))
     cutoff_param = connection.ops.adapt_datetimefield_value(cutoff)
     sql, params = _due_page_sql("%s", [cutoff_param], after, marks if closed else "")
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, *sorted(closed), CANDIDATE_PAGE])
+        cursor.execute(sql, [*params, *sorted(closed), size])
         return [_Due(a, b, bool(c), d, tuple(rest)) for a, b, c, d, *rest in cursor.fetchall()]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +22,12 @@ S = ExecutionStatus
 # Transactional: a claim in a transaction of its own takes the path workers take (on PostgreSQL,
 # planned without the lock and claimed in one round trip), not the one inside a caller's.
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def uncontended(monkeypatch: Any) -> None:
+    # Each test starts as a worker that has not seen a claim come short.
+    monkeypatch.setattr(claims, "_contended_until", 0.0)
 
 
 @pytest.fixture
@@ -662,8 +669,9 @@ def test_the_limits_are_counted_again_under_the_lock_after_a_look_without_it(
 def test_a_worker_that_looked_with_another_still_fills_its_slots(make_job, make_user, monkeypatch):
     # Two workers look at the same moment and plan the same oldest occurrences; the one that
     # claims second takes the next ones it planned instead of coming away empty (at once: not
-    # by looking again).
+    # by looking again), once claims have been seen to come short.
     monkeypatch.setattr(claims, "CLAIM_ATTEMPTS", 1)
+    monkeypatch.setattr(claims, "_contended_until", float("inf"))
     now = db_now()
     jobs = [
         make_job(owner=make_user(), next_run_at=now - timedelta(seconds=60 - i)) for i in range(6)
@@ -706,3 +714,39 @@ def test_a_worker_that_lost_every_occurrence_it_planned_looks_again(
     [claimed] = claims.claim_due("w2", 1).claims
     assert claimed.job_id == jobs[claims.CLAIM_SURPLUS].pk
     assert len(looks) == 3  # w2's first look, w1's, w2's second
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the claim planned without the lock")
+def test_a_claim_offers_more_candidates_only_once_claims_come_short(
+    make_job, make_user, monkeypatch, picobot_config
+):
+    # Alone, a worker plans one occurrence per free slot (planning and locking more would be
+    # wasted); once a claim came short, it offers CLAIM_SURPLUS per slot.
+    picobot_config("scheduler", max_concurrent=50)
+    for _ in range(30):
+        make_job(owner=make_user())
+    offered: list[int] = []
+    real_plan = claims._plan
+
+    def counted_plan(chosen: Any, now: Any) -> Any:
+        offered.append(len(chosen))
+        return real_plan(chosen, now)
+
+    monkeypatch.setattr(claims, "_plan", counted_plan)
+    assert len(claims.claim_due("w1", 2).claims) == 2
+    assert offered == [2]
+    real_look = claims._look
+    stolen: list[int] = []
+
+    def look_then_steal(*args: Any, **kwargs: Any) -> Any:
+        look = real_look(*args, **kwargs)
+        if not stolen:
+            ids = [row.id for row in look.page[:2]]
+            stolen.extend(ids)
+            Job.objects.filter(pk__in=ids).update(claim_token=uuid.uuid4())
+        return look
+
+    monkeypatch.setattr(claims, "_look", look_then_steal)
+    offered.clear()
+    assert len(claims.claim_due("w1", 2).claims) == 2  # came short, looked again with more
+    assert offered == [2, 2 * claims.CLAIM_SURPLUS]
