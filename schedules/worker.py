@@ -377,9 +377,11 @@ class Worker:
         free = self.concurrency - self.running_count()
         if free <= 0 or self.stopping:
             return False
-        if free < max(1, self.concurrency // 4) and free < self.concurrency:
-            # Runs are finishing one by one: wait a few milliseconds for more free slots, so one
-            # claim transaction (and one turn of the claim lock) serves several.
+        if free < max(1, self.concurrency // 2) and free < self.concurrency:
+            # Runs are finishing one by one: with fewer than half the slots free, wait a few
+            # milliseconds for more, so one claim (its look, its turn of the claim lock) serves
+            # several runs. (At a quarter, four workers of 4 slots claimed 2.5 runs a claim;
+            # at half, 1 and 4 workers both ran faster, docs/benchmarks.md.)
             self._waker.sleep(CLAIM_GATHER_SECS)
             free = self.concurrency - self.running_count()
         if not known_due and not claims.anything_due(due_before):

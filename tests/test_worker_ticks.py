@@ -66,3 +66,22 @@ def test_a_busy_worker_still_reads_the_agenda_every_so_often(ticking, monkeypatc
     clock = worker.time.monotonic
     monkeypatch.setattr(worker.time, "monotonic", lambda: clock() + AGENDA_EVERY_SECS)
     assert w.handle_one_tick() and (len(started), len(agendas)) == (4, 2)
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "busy", "waits"),
+    [(4, 3, True), (4, 2, False), (16, 9, True), (16, 8, False), (1, 0, False)],
+)
+def test_a_claim_waits_a_moment_for_more_free_slots_below_half(
+    ticking, monkeypatch, concurrency, busy, waits
+) -> None:
+    # Runs finishing one by one would each get a claim of their own: with fewer than half the
+    # slots free, the claim waits CLAIM_GATHER_SECS for more.
+    w, started, _ = ticking
+    w.concurrency = concurrency
+    monkeypatch.setattr(w, "running_count", lambda: busy)
+    slept: list[float] = []
+    monkeypatch.setattr(w._waker, "sleep", lambda secs, **kwargs: slept.append(secs))
+    assert w.handle_one_claim(known_due=True)
+    assert slept == ([worker.CLAIM_GATHER_SECS] if waits else [])
+    assert len(started) == min(7, concurrency - busy)
