@@ -24,15 +24,11 @@ def ticking(make_user: Any, monkeypatch: Any, picobot_config: Any) -> Iterator[A
     picobot_config("scheduler", max_concurrent=50, max_concurrent_per_user=50)
     owner = make_user("ticker")
     now = db_now()
-    for i in range(7):
-        Job.objects.create(
-            owner=owner,
-            name=f"job {i}",
-            prompt="hi",
-            schedule_type="interval",
-            interval_secs=3600,
-            next_run_at=now - timedelta(seconds=60 - i),
-        )
+    spec = {"prompt": "hi", "schedule_type": "interval", "interval_secs": 3600}
+    Job.objects.bulk_create(
+        Job(owner=owner, name=f"job {i}", next_run_at=now - timedelta(seconds=60 - i), **spec)
+        for i in range(7)
+    )
     started: list[claims.Claim] = []
     agendas: list[claims.Agenda] = []
     real_agenda = claims.agenda
