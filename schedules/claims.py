@@ -15,6 +15,7 @@ that transaction, are exact across any number of workers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import re
@@ -65,12 +66,6 @@ CLAIM_IDLE_LIMIT_MS = 2000
 # followed by the next.
 CANDIDATE_PAGE = 200
 MIN_CANDIDATE_PAGE = 16
-
-
-def _page_size(wanted: int) -> int:
-    return min(CANDIDATE_PAGE, max(MIN_CANDIDATE_PAGE, 2 * wanted))
-
-
 MAX_OUTPUT_CHARS = 20_000
 MAX_ERROR_CHARS = 4_000
 CANCELLED_ON_REQUEST = "cancelled on request"
@@ -300,6 +295,10 @@ def _lock_statement(own_transaction: bool = True) -> tuple[str, list[Any]]:
     return sql, params
 
 
+def _page_size(wanted: int) -> int:
+    return min(CANDIDATE_PAGE, max(MIN_CANDIDATE_PAGE, 2 * wanted))
+
+
 def _due(cutoff: datetime) -> Any:
     return Job.objects.filter(
         enabled=True, deleted_at__isnull=True, claim_token__isnull=True, next_run_at__lte=cutoff
@@ -497,7 +496,7 @@ def _due_page_sql(
     """`_due_page`'s query, due at `cutoff_sql`, leaving out the owners `closed_sql` lists ("":
     none); the caller binds that list's values and then the page size, after the parameters
     returned. Columns: id, owner_id, is_system, next_run_at, then PLAN_FIELDS'."""
-    table, users = Job._meta.db_table, Job._meta.get_field("owner").related_model._meta.db_table
+    table, users = Job._meta.db_table, _user_model()._meta.db_table
     fields = ", ".join(f"j.{column}" for column in _PLAN_COLUMNS)
     sql = (
         f"SELECT j.id, j.owner_id, u.is_system, j.next_run_at, {fields} FROM {table} j "  # noqa: S608 (names from the models, values bound)
@@ -692,6 +691,7 @@ def _in_one_round_trip(sql: str, params: list[Any]) -> list[Any]:
     commit in one pipeline (PostgreSQL, the connection in autocommit): the lock is held for the
     server's work only. Returns the statement's rows."""
     lock_sql, lock_params = _lock_statement(True)
+    connection.ensure_connection()
     pgconn = connection.connection
     try:
         with connection.cursor() as control, connection.cursor() as cursor:
@@ -770,16 +770,25 @@ def _user_model() -> Any:
     return Job._meta.get_field("owner").related_model
 
 
-def _user_from_row(values: tuple[Any, ...]) -> Any:
-    """A user from its columns in the order of its concrete fields, as the ORM loads one."""
+@functools.cache
+def _user_loading() -> tuple[Any, list[str], list[tuple[Any, list[Any]]]]:
+    """The user model, its concrete fields' attribute names, and each field with its database
+    converters (looked up once per process: the claim builds users on every claim)."""
     model = _user_model()
     fields = model._meta.concrete_fields
+    converters = [(f, f.get_db_converters(connection)) for f in fields]
+    return model, [f.attname for f in fields], converters
+
+
+def _user_from_row(values: tuple[Any, ...]) -> Any:
+    """A user from its columns in the order of its concrete fields, as the ORM loads one."""
+    model, names, converters = _user_loading()
     converted = []
-    for f, value in zip(fields, values, strict=True):
-        for convert in f.get_db_converters(connection):
+    for (f, convert_all), value in zip(converters, values, strict=True):
+        for convert in convert_all:
             value = convert(value, f, connection)
         converted.append(value)
-    return model.from_db(connection.alias, [f.attname for f in fields], converted)
+    return model.from_db(connection.alias, names, converted)
 
 
 def _claim_rows(job_ids: list[int], worker_id: str, cutoff: datetime) -> tuple[list[Job], datetime]:
@@ -819,7 +828,7 @@ def _claim_rows(job_ids: list[int], worker_id: str, cutoff: datetime) -> tuple[l
 
 
 def _owners(ids: set[int]) -> dict[int, Any]:
-    return Job._meta.get_field("owner").related_model.objects.in_bulk(ids)
+    return _user_model().objects.in_bulk(ids)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
-from django.db import OperationalError, connection
+from django.db import DataError, OperationalError, connection
 from django.test.utils import CaptureQueriesContext
 
 from kernel.models import User
@@ -750,3 +750,30 @@ def test_a_claim_offers_more_candidates_only_once_claims_come_short(
     offered.clear()
     assert len(claims.claim_due("w1", 2).claims) == 2  # came short, looked again with more
     assert offered == [2, 2 * claims.CLAIM_SURPLUS]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "size"),
+    [(0, 16), (8, 16), (9, 18), (100, 200), (101, 200), (1000, 200)],
+)
+def test_the_candidate_page_is_twice_the_candidates_wanted_within_its_bounds(wanted, size):
+    assert claims._page_size(wanted) == size
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the claim's one round trip")
+def test_a_claim_statement_that_fails_leaves_no_transaction_and_no_lock_behind():
+    # The pipeline stops at the error with its transaction open (and the claim lock held): it
+    # must be rolled back, or every other worker's claim would wait on this connection.
+    import psycopg
+    from psycopg.pq import TransactionStatus
+
+    with pytest.raises(DataError):
+        claims._in_one_round_trip("SELECT 1 / 0", [])
+    assert connection.connection.info.transaction_status == TransactionStatus.IDLE
+    db = connection.settings_dict
+    where = {"dbname": db["NAME"], "user": db["USER"], "host": db["HOST"], "port": db["PORT"]}
+    with psycopg.connect(**{k: v for k, v in where.items() if v}, autocommit=True) as other:
+        [[free]] = other.execute(
+            "SELECT pg_try_advisory_lock(%s)", [claims.CLAIM_LOCK_KEY]
+        ).fetchall()
+    assert free
